@@ -1,0 +1,303 @@
+"""DiT: class-conditional Diffusion Transformer with adaLN-Zero (Peebles & Xie, 2023).
+
+Paper: https://arxiv.org/abs/2212.09748. Official code: facebookresearch/DiT `models.py`.
+Checkpoints: `facebook/DiT-XL-2-256` and `facebook/DiT-XL-2-512` on the Hub (diffusers layout, the layout
+of this module's attribute names), and the original `DiT-XL-2-{256x256,512x512}.pt` state dicts, loaded
+through `ORIGINAL_TO_HUB` below. minidit's own `weights/dit-tiny` uses the Hub layout too.
+
+Quirks of the diffusers layout, kept so that the Hub weights load with no remapping:
+- every block carries its own copy of the timestep and class embedders (`norm1.emb`); the final layer
+  reads block 0's. In the Hub and original checkpoints all copies are identical.
+- the FFN's LayerNorm uses `norm_eps` (1e-5 when absent from config.json), the attention's 1e-6.
+
+Shapes: x (B, C, H*p, W*p) latents -> L = H*W tokens of width D = Nh*Dh -> (B, C_out, H*p, W*p).
+"""
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from minidit import weights
+from minidit.attention import AttentionLayer, attention, attention_output
+from minidit.errors import MiniditError
+from minidit.layers import modulate, sincos_2d, timestep_embedding, unpatchify
+
+FREQ_DIM = 256  # width of the timestep sinusoid fed to the timestep MLP
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    num_layers: int = 28
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
+    in_channels: int = 4
+    out_channels: int = 8  # 2 * in_channels: epsilon, then the learned variance interpolation
+    patch_size: int = 2
+    sample_size: int = 32  # latent side the sin-cos table is based on
+    num_embeds_ada_norm: int = 1000  # number of classes; label `num_embeds_ada_norm` is the null class
+    norm_eps: float = 1e-5  # the FFN LayerNorm's eps (diffusers default); the original DiT used 1e-6
+    # NOTE(official): diffusers' DiT timestep sinusoid divides by (128 - 1); the original divides by 128.
+    freq_shift: float = 1.0
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.out_channels == 2 * self.in_channels
+
+    @classmethod
+    def from_hub(cls, config: dict) -> "DiTConfig":
+        """Build from a Hub `transformer/config.json`, applying diffusers' defaults for absent keys."""
+        expected = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
+                    "norm_elementwise_affine": False}
+        for key, value in expected.items():
+            if config.get(key, value) != value:
+                raise MiniditError(f"DiT config has {key}={config[key]!r}; minidit's DiT supports only {value!r}")
+        known = {f.name for f in fields(cls)} - {"freq_shift"}
+        values = {k: v for k, v in config.items() if k in known}
+        if values.get("out_channels") is None:
+            values["out_channels"] = config.get("in_channels", cls.in_channels)
+        return cls(**values)
+
+
+PRESETS = {
+    "DiT-XL/2-256": DiTConfig(sample_size=32),
+    "DiT-XL/2-512": DiTConfig(sample_size=64),
+}
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(FREQ_DIM, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t_freq: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(t_freq)))
+
+
+class LabelEmbedding(nn.Module):
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)  # + the null class used for guidance
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+class Conditioning(nn.Module):
+    """c = MLP(sinusoid(t)) + embed(y), shape (B, D)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.freq_shift = cfg.freq_shift
+        self.timestep_embedder = TimestepEmbedding(cfg.hidden_size)
+        self.class_embedder = LabelEmbedding(cfg.num_embeds_ada_norm, cfg.hidden_size)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        t_freq = timestep_embedding(t, FREQ_DIM, flip_sin_to_cos=True, freq_shift=self.freq_shift)
+        return self.timestep_embedder(t_freq.to(dtype)) + self.class_embedder(y)
+
+
+class AdaLNZero(nn.Module):
+    """Six modulation vectors from the conditioning, plus the affine-free LayerNorm they modulate."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.emb = Conditioning(cfg)
+        self.linear = nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig, layer: str):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.layer, self.num_heads = layer, cfg.num_attention_heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # checkpoint key: to_out.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = lambda t: rearrange(t, "B L (Nh Dh) -> B Nh L Dh", Nh=self.num_heads)  # noqa: E731
+        q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))  # (B, Nh, L, Dh)
+        out = attention(q, k, v, layer=self.layer)  # (B, L, D)
+        return attention_output(self.to_out[0](out), layer=self.layer)
+
+
+class GELUProjection(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # checkpoint keys: net.0.proj, net.2 (index 1 was a dropout layer in training code)
+        self.net = nn.ModuleList([GELUProjection(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig, index: int):
+        super().__init__()
+        self.norm1 = AdaLNZero(cfg)
+        self.attn1 = SelfAttention(cfg, layer=f"transformer_blocks.{index}.attn1")
+        self.norm3 = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=cfg.norm_eps)
+        self.ff = FeedForward(cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = self.norm1.emb(t, y, x.dtype)  # (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(F.silu(c)).chunk(6, dim=1)
+        x = x + gate_msa[:, None] * self.attn1(modulate(self.norm1.norm(x), shift_msa, scale_msa))
+        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.patch_size, self.base_size = cfg.patch_size, cfg.sample_size // cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = rearrange(self.proj(x), "B D H W -> B (H W) D")
+        pos = sincos_2d(x.shape[-1], h, w, self.base_size).to(x.device, x.dtype)  # (L, D), fixed
+        return x + pos
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.config = cfg
+        self.pos_embed = PatchEmbed(cfg)
+        self.transformer_blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(cfg.num_layers)])
+        self.norm_out = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.proj_out_1 = nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
+        self.proj_out_2 = nn.Linear(cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H*p, W*p), t (B,) timesteps in [0, 1000), y (B,) class ids -> (B, C_out, H*p, W*p)."""
+        p = self.config.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        x = self.pos_embed(x)  # (B, L, D)
+        for block in self.transformer_blocks:
+            x = block(x, t, y)
+        # NOTE(official): the final layer is conditioned through block 0's embedders (diffusers layout).
+        c = self.transformer_blocks[0].norm1.emb(t, y, x.dtype)
+        shift, scale = self.proj_out_1(F.silu(c)).chunk(2, dim=1)
+        x = self.proj_out_2(modulate(self.norm_out(x), shift, scale))  # (B, L, p*p*C_out)
+        return unpatchify(x, h, w, p)
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        return [AttentionLayer(b.attn1.layer, "self") for b in self.transformer_blocks]
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+
+# The original facebookresearch/DiT state dict -> the Hub (diffusers) layout. "{i}" is a block index;
+# keys marked SHARED are copied into every block; "qkv" tensors are split into three.
+ORIGINAL_TO_HUB = {
+    "x_embedder.proj.weight": "pos_embed.proj.weight",
+    "x_embedder.proj.bias": "pos_embed.proj.bias",
+    "t_embedder.mlp.0.weight": "SHARED norm1.emb.timestep_embedder.linear_1.weight",
+    "t_embedder.mlp.0.bias": "SHARED norm1.emb.timestep_embedder.linear_1.bias",
+    "t_embedder.mlp.2.weight": "SHARED norm1.emb.timestep_embedder.linear_2.weight",
+    "t_embedder.mlp.2.bias": "SHARED norm1.emb.timestep_embedder.linear_2.bias",
+    "y_embedder.embedding_table.weight": "SHARED norm1.emb.class_embedder.embedding_table.weight",
+    "blocks.{i}.adaLN_modulation.1.weight": "transformer_blocks.{i}.norm1.linear.weight",
+    "blocks.{i}.adaLN_modulation.1.bias": "transformer_blocks.{i}.norm1.linear.bias",
+    "blocks.{i}.attn.qkv.weight": "transformer_blocks.{i}.attn1.to_{q,k,v}.weight",
+    "blocks.{i}.attn.qkv.bias": "transformer_blocks.{i}.attn1.to_{q,k,v}.bias",
+    "blocks.{i}.attn.proj.weight": "transformer_blocks.{i}.attn1.to_out.0.weight",
+    "blocks.{i}.attn.proj.bias": "transformer_blocks.{i}.attn1.to_out.0.bias",
+    "blocks.{i}.mlp.fc1.weight": "transformer_blocks.{i}.ff.net.0.proj.weight",
+    "blocks.{i}.mlp.fc1.bias": "transformer_blocks.{i}.ff.net.0.proj.bias",
+    "blocks.{i}.mlp.fc2.weight": "transformer_blocks.{i}.ff.net.2.weight",
+    "blocks.{i}.mlp.fc2.bias": "transformer_blocks.{i}.ff.net.2.bias",
+    "final_layer.adaLN_modulation.1.weight": "proj_out_1.weight",
+    "final_layer.adaLN_modulation.1.bias": "proj_out_1.bias",
+    "final_layer.linear.weight": "proj_out_2.weight",
+    "final_layer.linear.bias": "proj_out_2.bias",
+}
+ORIGINAL_IGNORED = ("pos_embed",)  # the fixed sin-cos table, recomputed here
+ORIGINAL_CONVENTION = {"norm_eps": 1e-6, "freq_shift": 0.0}  # the original code's numerics
+
+
+def original_to_hub(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Rename an original DiT state dict into the Hub layout: duplicate shared embedders, split qkv."""
+    out = {}
+    for src, dst in ORIGINAL_TO_HUB.items():
+        for i in range(num_layers) if "{i}" in src else [None]:
+            tensor = sd[src.format(i=i)]
+            if dst.startswith("SHARED "):
+                for j in range(num_layers):
+                    out[f"transformer_blocks.{j}.{dst.removeprefix('SHARED ')}"] = tensor
+            elif "{q,k,v}" in dst:
+                for name, part in zip("qkv", tensor.chunk(3, dim=0)):
+                    out[dst.format(i=i).replace("{q,k,v}", name)] = part
+            else:
+                out[dst.format(i=i)] = tensor
+    return out
+
+
+def load_dit(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             convention: str = "diffusers", preset: str | None = None) -> DiT:
+    """Load a DiT from a Hub-layout `transformer/` folder, or from an original `.pt` state dict.
+
+    `convention="original"` switches the numerics to the original code's (freq shift 0, FFN eps 1e-6);
+    the default follows diffusers' DiTPipeline, which is how the Hub checkpoints are used. An original
+    `.pt` file carries no config: `preset` names it (default: guessed from the pos_embed size).
+    """
+    if convention not in ("diffusers", "original"):
+        raise MiniditError(f"unknown DiT convention {convention!r}; use 'diffusers' or 'original'")
+    path = Path(path)
+    if path.is_file():
+        sd = weights.load_file(path)
+        n_tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
+        preset = preset or {256: "DiT-XL/2-256", 1024: "DiT-XL/2-512"}.get(n_tokens)
+        if preset not in PRESETS:
+            raise MiniditError(f"cannot tell which DiT {path} is; pass one of the presets {sorted(PRESETS)}")
+        cfg = replace(PRESETS[preset], **ORIGINAL_CONVENTION)
+        sd = {k: v for k, v in sd.items() if k not in ORIGINAL_IGNORED}
+        weights.check_keys(sd, set(original_keys(cfg.num_layers)), source=str(path))
+        sd = original_to_hub(sd, cfg.num_layers)
+    else:
+        cfg = DiTConfig.from_hub(weights.read_json(path / "config.json"))
+        if convention == "original":
+            cfg = replace(cfg, **ORIGINAL_CONVENTION)
+        sd = weights.load_folder(path)
+        sd.pop("pos_embed.pos_embed", None)  # a fixed table some exports store; recomputed here
+    with torch.device("meta"):
+        model = DiT(cfg)
+    weights.load_into(model, sd, dtype=dtype, device=device, source=str(path))
+    return model.eval()
+
+
+def original_keys(num_layers: int) -> list[str]:
+    """Every key an original DiT state dict must hold (after dropping the ignored ones)."""
+    return [k.format(i=i) for k in ORIGINAL_TO_HUB for i in (range(num_layers) if "{i}" in k else [0])]
+
+
+def save_hub_config(cfg: DiTConfig, folder: Path) -> None:
+    """Write `config.json` the way the Hub's DiT folders carry it (legacy class name included)."""
+    config = {"_class_name": "DiTTransformer2DModel", "activation_fn": "gelu-approximate", "attention_bias": True,
+              "norm_elementwise_affine": False, "norm_type": "ada_norm_zero",
+              **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "freq_shift"}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,197 @@
+"""Checkpoint files: Hub download, safetensors (single and sharded), torch pickles, strict loading with a report.
+
+This module knows no model. Each model file keeps its own key map and calls:
+
+    folder = download(repo_id, revision=..., allow_patterns=[...])   # or a local folder in the Hub layout
+    sd = load_folder(folder / "transformer")                          # one file, or shards + index.json
+    with torch.device("meta"): model = Model(cfg)
+    load_into(model, sd, dtype=..., device=...)                       # strict: names and shapes checked
+
+Every failure a user can fix raises `MiniditError` with a message saying what to do.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from minidit.errors import MiniditError
+
+# The file names a component folder may hold, in order of preference (diffusers, then transformers names).
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# ---- the Hub --------------------------------------------------------------------------------------------
+
+def download(repo_id: str, *, revision: str | None = None, allow_patterns: list[str] | None = None,
+             local_dir: str | Path | None = None) -> Path:
+    """Fetch only `allow_patterns` of `repo_id` at `revision`; returns the snapshot folder.
+
+    Files land in the user's Hub cache (HF_HOME) unless `local_dir` is given. The token comes from HF_TOKEN
+    or the user's `hf auth login`. Works offline when the files are already cached.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
+    offline_help = (f"download it on a machine with network (`hf download {repo_id}`) and pass the folder "
+                    f"with --weights DIR, or connect and retry")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns, local_dir=local_dir))
+    except GatedRepoError:
+        raise MiniditError(f"{where} is gated: accept its licence on its Hub page, then log in with "
+                           f"`hf auth login` or set HF_TOKEN, and retry") from None
+    except RevisionNotFoundError:
+        raise MiniditError(f"{repo_id} has no revision {revision!r}: check --revision") from None
+    except RepositoryNotFoundError:
+        raise MiniditError(f"{repo_id} was not found on the Hub (or is private and no token was given): check the "
+                           f"name, or log in with `hf auth login`") from None
+    except LocalEntryNotFoundError:
+        raise MiniditError(f"cannot reach the Hugging Face Hub and {where} is not in the local cache: "
+                           f"{offline_help}") from None
+    except OSError as e:  # network errors that surface as OSError (connection reset, DNS)
+        raise MiniditError(f"could not download {where} ({type(e).__name__}: {e}); {offline_help}") from None
+
+
+# ---- reading files -----------------------------------------------------------------------------------
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise MiniditError(f"{path} is missing: the folder is not in the Hub layout this model needs")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MiniditError(f"{path} is not valid JSON ({e}); download it again") from None
+
+
+def safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Names, dtypes and shapes of a safetensors file, read from its header alone (no tensor is loaded).
+
+    Also checks that the file is long enough to hold every tensor the header lists.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise MiniditError(f"{path} is truncated (only {size} bytes): delete it and download it again")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise MiniditError(f"{path} is not a safetensors file or is truncated: delete it and download it again")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MiniditError(f"{path} has a corrupt safetensors header: delete it and download it again") from None
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + n + end > size:
+        raise MiniditError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}): "
+                           f"delete it and download it again")
+    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()}
+
+
+def load_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """One checkpoint file: safetensors, or a torch pickle (`.bin`, `.pt`, `.pth`) read with weights_only."""
+    from safetensors.torch import load_file as load_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise MiniditError(f"{path} is missing: download the checkpoint again or check --weights")
+    if path.suffix == ".safetensors":
+        safetensors_header(path)  # clear errors for truncated or foreign files
+        return load_safetensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a bad pickle; all mean the same to the user
+        raise MiniditError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}); "
+                           f"it may be truncated: delete it and download it again") from None
+    if isinstance(sd, dict) and "ema" in sd and isinstance(sd["ema"], dict):  # training checkpoints
+        sd = sd["ema"]
+    return sd
+
+
+def find_weights(folder: str | Path) -> Path:
+    """The weight file (or shard index) of a component folder, safetensors preferred over `.bin`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MiniditError(f"{folder} does not exist: pass a folder in the Hub layout with --weights DIR")
+    for ext in (".safetensors", ".bin"):
+        for name in WEIGHT_NAMES:
+            for candidate in (folder / f"{name}{ext}.index.json", folder / f"{name}{ext}"):
+                if candidate.is_file():
+                    return candidate
+    raise MiniditError(f"{folder} holds no weights (expected e.g. diffusion_pytorch_model.safetensors or a "
+                       f"*.safetensors.index.json with its shards)")
+
+
+def load_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a component folder: a single file, or the shards listed by its index.json."""
+    path = find_weights(folder)
+    if not path.name.endswith(".index.json"):
+        return load_file(path)
+    index = read_json(path)
+    weight_map: dict[str, str] = index.get("weight_map", {})
+    sd: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors = load_file(path.parent / shard)
+        listed = {k for k, v in weight_map.items() if v == shard}
+        if set(tensors) != listed:
+            raise MiniditError(f"{path.parent / shard} does not hold the tensors its index lists "
+                               f"({len(set(tensors) ^ listed)} differ): download the checkpoint again")
+        sd.update(tensors)
+    total = index.get("metadata", {}).get("total_size")
+    actual = sum(t.numel() * t.element_size() for t in sd.values())
+    if total is not None and int(total) != actual:
+        raise MiniditError(f"{path} says the shards hold {total} bytes, they hold {actual}: download again")
+    return sd
+
+
+# ---- loading into a model ----------------------------------------------------------------------------
+
+def key_report(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
+    """Lines describing missing, unexpected and mis-shaped keys (empty when the two sets agree)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    lines = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            lines.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+    if misshaped:
+        k = misshaped[0]
+        lines.append(f"{len(misshaped)} with the wrong shape (e.g. {k}: expected {tuple(expected[k])}, "
+                     f"found {tuple(found[k])})")
+    return lines
+
+
+def check_keys(sd: dict[str, torch.Tensor], expected: set[str], *, source: str) -> None:
+    """Key-name check for layouts that are renamed before loading (shapes are checked after renaming)."""
+    report = key_report({k: () for k in expected}, {k: () for k in sd})
+    if report:
+        raise MiniditError(f"{source} does not match the expected checkpoint layout: {'; '.join(report)}")
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, dtype: torch.dtype, device: str | torch.device,
+              source: str) -> None:
+    """Strictly load `sd` into `model` (built on the meta device), casting floating tensors to `dtype`."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    report = key_report(expected, {k: tuple(v.shape) for k, v in sd.items()})
+    if report:
+        raise MiniditError(f"{source} does not match {type(model).__name__}: {'; '.join(report)}. "
+                           f"Is it the right model, or a different config?")
+    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise MiniditError(f"unknown dtype {name!r}; use fp32, bf16 or fp16")
+    return table[name]
+
