@@ -1,0 +1,130 @@
+"""The K/V/A recorder: per-step difference sums computed on the device, one host transfer per prompt.
+
+For every (layer, stream, branch, tensor) it holds the previous step's tensor and, when the next step
+captures the same tensor, adds up on the device in float32 (see ../design/analysis.md):
+
+    s_abs = sum|X_d - X_{d-1}|    s_prev = sum|X_{d-1}|    s_sq   = sum (X_d - X_{d-1})^2
+    s_dot = sum X_d * X_{d-1}     s_cur2 = sum X_d^2       s_prev2 = sum X_{d-1}^2
+
+into a preallocated buffer [layer, stream, branch, tensor, transition, 6]. Nothing is synchronised
+with the host inside a step; `finish()` copies the buffer once, checks it, and returns float64 sums
+with the element count `n` prepended: [layer, stream, branch, tensor, transition, 7].
+
+Usage, around a sampling loop whose backbone is `model`:
+
+    rec = Recorder(model.attention_layers(), branches=("cond", "uncond"), num_steps=50, device="cuda")
+    with rec.attach(model):      # counts backbone calls, routes K/V/A from minidit.attention here
+        latents = sample(...)
+    sums = rec.finish()
+"""
+
+import contextlib
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from minidit.attention import AttentionLayer, Streams, recording
+from minidit.errors import MiniditError
+
+TENSORS = ("K", "V", "A")
+SUMS = ("n", "s_abs", "s_prev", "s_sq", "s_dot", "s_cur2", "s_prev2")
+STREAM_ORDER = ("img", "txt")
+
+
+class Recorder:
+    def __init__(self, layers: list[AttentionLayer], *, branches: tuple[str, ...], num_steps: int,
+                 device: str | torch.device, prev_on_host: bool = False):
+        if num_steps < 2:
+            raise MiniditError(f"the analysis compares consecutive steps: it needs at least 2 steps, got {num_steps}")
+        self.layers, self.branches, self.num_steps = layers, branches, num_steps
+        self.device, self.prev_on_host = torch.device(device), prev_on_host
+        self.layer_index = {layer.name: i for i, layer in enumerate(layers)}
+        used = {s for layer in layers for s in layer.streams}
+        self.streams = tuple(s for s in STREAM_ORDER if s in used)
+        self.held_bytes = 0  # the most memory the previous-step tensors took, over the run
+        self.start_prompt()
+
+    def start_prompt(self) -> None:
+        shape = (len(self.layers), len(self.streams), len(self.branches), len(TENSORS), self.num_steps - 1)
+        self.sums = torch.zeros(*shape, len(SUMS) - 1, dtype=torch.float32, device=self.device)
+        self.n = np.zeros((len(self.layers), len(self.streams), len(TENSORS)), dtype=np.float64)
+        self.prev: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.step = -1
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module) -> Iterator["Recorder"]:
+        """Count `model`'s forward calls as steps and receive its K, V and A inside the block."""
+        handle = model.register_forward_pre_hook(self._next_step)
+        try:
+            with recording(self):
+                yield self
+        finally:
+            handle.remove()
+
+    def _next_step(self, *_) -> None:
+        self.step += 1
+        if self.step >= self.num_steps:
+            raise MiniditError(f"the backbone was called more than the {self.num_steps} steps the recorder expects")
+        if self.step == 1:
+            self.held_bytes = max(self.held_bytes, self._bytes_held())
+
+    def capture(self, layer: str, tensor: str, x: torch.Tensor, token_dim: int, streams: Streams) -> None:
+        li, ti = self.layer_index[layer], TENSORS.index(tensor)
+        parts = [(streams, x)] if isinstance(streams, str) else _split(x, token_dim, streams)
+        for stream, part in parts:
+            self._accumulate((li, self.streams.index(stream), ti), part.detach())
+
+    def _accumulate(self, key: tuple[int, int, int], cur: torch.Tensor) -> None:
+        branches = len(self.branches)
+        x = cur.unflatten(0, (branches, -1)).float()  # (Br, ...)
+        dims = tuple(range(1, x.ndim))
+        x_l1, x_sq = torch.linalg.vector_norm(x, 1, dims), (x * x).sum(dims)
+        if self.step == 0:
+            self.n[key] = cur.numel() // branches
+        else:
+            held, p_l1, p_sq = self.prev[key]
+            p = held.to(self.device, non_blocking=True).unflatten(0, (branches, -1)).float()
+            d = x - p
+            li, si, ti = key
+            self.sums[li, si, :, ti, self.step - 1] = torch.stack(
+                [torch.linalg.vector_norm(d, 1, dims), p_l1, (d * d).sum(dims), (x * p).sum(dims), x_sq, p_sq], dim=-1)
+        held = cur.to("cpu", non_blocking=True) if self.prev_on_host else cur
+        self.prev[key] = (held, x_l1, x_sq)
+
+    def _bytes_held(self) -> int:
+        seen, total = set(), 0
+        for held, _, _ in self.prev.values():
+            ptr = held.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += held.untyped_storage().nbytes()
+        return total
+
+    def finish(self) -> np.ndarray:
+        """Float64 sums [layer, stream, branch, tensor, transition, 7] (n first) of the prompt just sampled."""
+        if self.step != self.num_steps - 1:
+            raise MiniditError(f"the backbone ran {self.step + 1} steps, the recorder expected {self.num_steps}")
+        sums = self.sums.double().cpu().numpy()  # the one host sync of the prompt
+        self.prev.clear()
+        bad = ~np.isfinite(sums)
+        if bad.any():
+            li, si, bi, ti, d, _ = np.argwhere(bad)[0]
+            raise MiniditError(f"non-finite {TENSORS[ti]} statistic in layer {self.layers[li].name} "
+                               f"({self.streams[si]}, {self.branches[bi]}) between steps {d} and {d + 1}: "
+                               f"an overflow, often T5 or attention in fp16; retry with --dtype bf16 or fp32")
+        moved = sums[..., 0].sum(axis=(0, 1, 2, 3))  # total s_abs per transition
+        if (moved == 0).any():
+            d = int(np.argmin(moved))
+            raise MiniditError(f"every K, V and A of step {d + 1} equals step {d}'s: a captured tensor was modified "
+                               f"in place, or the backbone saw the same input twice; the statistics would be wrong")
+        n = np.broadcast_to(self.n[:, :, None, :, None, None], sums.shape[:-1] + (1,))
+        return np.concatenate([n, sums], axis=-1)
+
+
+def _split(x: torch.Tensor, token_dim: int, streams: tuple[tuple[str, int], ...]):
+    start = 0
+    for stream, length in streams:
+        yield stream, x.narrow(token_dim, start, length)
+        start += length
+    assert start == x.shape[token_dim], f"stream lengths {streams} do not cover {x.shape[token_dim]} tokens"

@@ -1,0 +1,103 @@
+"""The run directory: a manifest, one record per prompt (written atomically), and what aggregation derives.
+
+    RUN/manifest.json        what was run: model, weights, scheduler, timesteps, sigmas, seeds, layers, versions
+    RUN/prompts.txt          the prompts (or class labels) in order; record i belongs to line i
+    RUN/records/000012.npz   prompt 12's float64 sums [layer, stream, branch, tensor, transition, 7]
+    RUN/summary.csv, cv.csv, figures/     written by `aggregate` (a separate step)
+
+Records are independent files named by prompt index, so several processes can fill one run directory
+at once and a crash loses at most the prompt in flight; `--resume` skips the records already there.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from minidit.errors import MiniditError
+
+# The manifest keys that must agree for a resumed run to continue the same measurement.
+IDENTITY_KEYS = ("model", "weights", "revision", "dtype", "steps", "scheduler", "timesteps", "guidance",
+                 "resolution", "seed", "prompts_sha256", "layers", "streams", "branches", "convention")
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records = self.path / "records"
+        self.manifest_path = self.path / "manifest.json"
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def open(self, manifest: dict, prompts: list[str], *, resume: bool) -> None:
+        """Create the directory for a new run, or check that `manifest` continues the run already there."""
+        manifest = dict(manifest, prompts_sha256=prompts_digest(prompts))
+        if self.exists():
+            if not resume:
+                raise MiniditError(f"{self.path} already holds a run: pass --resume to continue it, or choose "
+                                   f"another --out")
+            old = self.manifest()
+            changed = [k for k in IDENTITY_KEYS if json.dumps(old.get(k)) != json.dumps(manifest.get(k))]
+            if changed:
+                raise MiniditError(f"cannot resume {self.path}: it was run with different {', '.join(changed)}; "
+                                   f"use the same settings, or another --out")
+            manifest = dict(old, **{k: v for k, v in manifest.items() if k not in IDENTITY_KEYS})
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise MiniditError(f"{self.path} exists and is not a minidit run directory: choose another --out")
+        self.records.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path / "prompts.txt", "".join(p + "\n" for p in prompts).encode("utf-8"))
+        self.write_manifest(manifest)
+
+    def manifest(self) -> dict:
+        if not self.exists():
+            raise MiniditError(f"{self.path} is not a minidit run directory (no manifest.json)")
+        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_atomic(self.manifest_path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+
+    def record_path(self, index: int) -> Path:
+        return self.records / f"{index:06d}.npz"
+
+    def done(self) -> set[int]:
+        return {int(p.stem) for p in self.records.glob("[0-9]*.npz")} if self.records.is_dir() else set()
+
+    def write_record(self, index: int, sums: np.ndarray, meta: dict) -> None:
+        with tempfile.NamedTemporaryFile(dir=self.records, prefix=".tmp-", suffix=".npz", delete=False) as f:
+            np.savez(f, sums=sums, meta=np.array(json.dumps(meta)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f.name, self.record_path(index))
+
+    def read_records(self) -> tuple[list[int], np.ndarray, list[dict]]:
+        """All finished records: prompt indices, sums stacked as [prompt, layer, stream, branch, tensor, d, 7]."""
+        indices = sorted(self.done())
+        if not indices:
+            raise MiniditError(f"{self.path} has no finished prompts yet: nothing to aggregate")
+        sums, metas = [], []
+        for i in indices:
+            try:
+                with np.load(self.record_path(i)) as record:
+                    sums.append(record["sums"])
+                    metas.append(json.loads(str(record["meta"])))
+            except (OSError, ValueError, KeyError) as e:
+                raise MiniditError(f"record {self.record_path(i)} is unreadable ({e}); delete it and rerun with "
+                                   f"--resume to recompute that prompt") from None
+        return indices, np.stack(sums), metas
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
