@@ -8,16 +8,17 @@ Axis vocabulary, used in every file, comment and einops pattern:
     Nh  attention heads           Dh  head dim (D = Nh * Dh)
     C   channels (latent or pixel)
 
-Public API:
+Public API (see minidit/api.py):
 
-    minidit.load_backbone(name_or_dir)      -> model ready for sampling
-    minidit.sample(...)                      -> final latents, optionally recording K/V/A statistics
-    minidit.analysis.read_run(run_dir)       -> a finished run directory as numpy arrays
+    minidit.load_backbone(name_or_dir)   -> a recipe: backbone, scheduler config, labels
+    minidit.sample(recipe, prompt, ...)  -> final latents, and the K/V/A sums when recording
+    minidit.analysis.read_run(run_dir)   -> a finished run directory as numpy arrays
 """
 
 __version__ = "0.1.0"
 
+from minidit.errors import MiniditError  # noqa: E402
+from minidit.api import load_backbone, sample  # noqa: E402
+from minidit import analysis  # noqa: E402
 
-from minidit.errors import MiniditError
-
-__all__ = ["MiniditError", "__version__"]
+__all__ = ["MiniditError", "analysis", "load_backbone", "sample", "__version__"]

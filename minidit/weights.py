@@ -26,22 +26,30 @@ SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 
 
 # ---- the Hub --------------------------------------------------------------------------------------------
 
-def download(repo_id: str, *, revision: str | None = None, allow_patterns: list[str] | None = None,
+def download(repo_id: str, *, revision: str | None = None, allow_patterns: tuple[str, ...] = (),
              local_dir: str | Path | None = None) -> Path:
-    """Fetch only `allow_patterns` of `repo_id` at `revision`; returns the snapshot folder.
+    """Fetch only the files of `repo_id` at `revision` that match `allow_patterns`; returns the snapshot folder.
 
-    Files land in the user's Hub cache (HF_HOME) unless `local_dir` is given. The token comes from HF_TOKEN
-    or the user's `hf auth login`. Works offline when the files are already cached.
+    Where a folder offers both safetensors and `.bin` weights, only the safetensors are fetched. Files land
+    in the user's Hub cache (HF_HOME) unless `local_dir` is given; the token comes from HF_TOKEN or
+    `hf auth login`. Works offline when the files are already cached.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
-    offline_help = (f"download it on a machine with network (`hf download {repo_id}`) and pass the folder "
-                    f"with --weights DIR, or connect and retry")
+    offline_help = (f"download it where there is network (`hf download {repo_id}`) and pass that folder with "
+                    f"--weights DIR, or connect and retry")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns, local_dir=local_dir))
+        try:
+            listed = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns), dry_run=True)
+            patterns = prefer_safetensors([info.filename for info in listed])
+        except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
+            raise
+        except OSError:  # no listing offline (DryRunError): take what the cache holds
+            patterns = list(allow_patterns)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_dir=local_dir))
     except GatedRepoError:
         raise MiniditError(f"{where} is gated: accept its licence on its Hub page, then log in with "
                            f"`hf auth login` or set HF_TOKEN, and retry") from None
@@ -53,8 +61,14 @@ def download(repo_id: str, *, revision: str | None = None, allow_patterns: list[
     except LocalEntryNotFoundError:
         raise MiniditError(f"cannot reach the Hugging Face Hub and {where} is not in the local cache: "
                            f"{offline_help}") from None
-    except OSError as e:  # network errors that surface as OSError (connection reset, DNS)
-        raise MiniditError(f"could not download {where} ({type(e).__name__}: {e}); {offline_help}") from None
+    except (HfHubHTTPError, OSError) as e:  # other network failures
+        raise MiniditError(f"could not download {where} ({type(e).__name__}); {offline_help}") from None
+
+
+def prefer_safetensors(files: list[str]) -> list[str]:
+    """Drop `.bin` weights from folders that also offer safetensors."""
+    with_safetensors = {str(Path(f).parent) for f in files if f.endswith((".safetensors", ".safetensors.index.json"))}
+    return [f for f in files if not (f.endswith((".bin", ".bin.index.json")) and str(Path(f).parent) in with_safetensors)]
 
 
 # ---- reading files -----------------------------------------------------------------------------------

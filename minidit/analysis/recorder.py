@@ -40,8 +40,7 @@ class Recorder:
         self.layers, self.branches, self.num_steps = layers, branches, num_steps
         self.device, self.prev_on_host = torch.device(device), prev_on_host
         self.layer_index = {layer.name: i for i, layer in enumerate(layers)}
-        used = {s for layer in layers for s in layer.streams}
-        self.streams = tuple(s for s in STREAM_ORDER if s in used)
+        self.streams = stream_axis(layers)
         self.held_bytes = 0  # the most memory the previous-step tensors took, over the run
         self.start_prompt()
 
@@ -76,19 +75,17 @@ class Recorder:
             self._accumulate((li, self.streams.index(stream), ti), part.detach())
 
     def _accumulate(self, key: tuple[int, int, int], cur: torch.Tensor) -> None:
-        branches = len(self.branches)
-        x = cur.unflatten(0, (branches, -1)).float()  # (Br, ...)
-        dims = tuple(range(1, x.ndim))
-        x_l1, x_sq = torch.linalg.vector_norm(x, 1, dims), (x * x).sum(dims)
+        x = _per_branch(cur, len(self.branches)).float()  # (Br, n)
+        x_l1, x_sq = x.abs().sum(1), torch.linalg.vecdot(x, x)
         if self.step == 0:
-            self.n[key] = cur.numel() // branches
+            self.n[key] = x.shape[1]
         else:
             held, p_l1, p_sq = self.prev[key]
-            p = held.to(self.device, non_blocking=True).unflatten(0, (branches, -1)).float()
+            p = _per_branch(held.to(self.device, non_blocking=True), len(self.branches)).float()
             d = x - p
             li, si, ti = key
             self.sums[li, si, :, ti, self.step - 1] = torch.stack(
-                [torch.linalg.vector_norm(d, 1, dims), p_l1, (d * d).sum(dims), (x * p).sum(dims), x_sq, p_sq], dim=-1)
+                [d.abs().sum(1), p_l1, torch.linalg.vecdot(d, d), torch.linalg.vecdot(x, p), x_sq, p_sq], dim=-1)
         held = cur.to("cpu", non_blocking=True) if self.prev_on_host else cur
         self.prev[key] = (held, x_l1, x_sq)
 
@@ -120,6 +117,19 @@ class Recorder:
                                f"in place, or the backbone saw the same input twice; the statistics would be wrong")
         n = np.broadcast_to(self.n[:, :, None, :, None, None], sums.shape[:-1] + (1,))
         return np.concatenate([n, sums], axis=-1)
+
+
+def stream_axis(layers: list[AttentionLayer]) -> tuple[str, ...]:
+    """The streams the layers use, in the record's order (img first)."""
+    used = {s for layer in layers for s in layer.streams}
+    return tuple(s for s in STREAM_ORDER if s in used)
+
+
+def _per_branch(x: torch.Tensor, branches: int) -> torch.Tensor:
+    """(B, ...) -> (branches, n), elements in memory order: a free view when x is a permutation of a dense
+    tensor (K and V after the head split are); the sums do not depend on the order of the elements."""
+    order = sorted(range(1, x.ndim), key=lambda i: -x.stride(i))
+    return x.permute(0, *order).reshape(branches, -1)
 
 
 def _split(x: torch.Tensor, token_dim: int, streams: tuple[tuple[str, int], ...]):

@@ -1,0 +1,47 @@
+"""The models `analyze.py` knows, by name: where their weights live and which recipe samples them."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from minidit.errors import MiniditError
+
+EMBEDDED = Path(__file__).resolve().parents[2] / "weights"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # which recipe in minidit/pipelines samples it
+    repo: str | None  # Hub repository id; None for the embedded model
+    files: tuple[str, ...]  # the Hub files the recipe needs (snapshot allow-patterns)
+    about: str
+
+    @property
+    def embedded(self) -> Path | None:
+        return EMBEDDED / self.name if self.repo is None else None
+
+
+_DIT_FILES = ("model_index.json", "transformer/config.json", "transformer/*.safetensors*", "transformer/*.bin",
+              "scheduler/scheduler_config.json")
+
+MODELS = {spec.name: spec for spec in [
+    ModelSpec("dit-tiny", "dit", None, (), "minidit's embedded 8-class DiT trained on drawn shapes (CPU, seconds)"),
+    ModelSpec("dit-xl-256", "dit", "facebook/DiT-XL-2-256", _DIT_FILES, "DiT-XL/2 at 256x256, ImageNet classes"),
+    ModelSpec("dit-xl-512", "dit", "facebook/DiT-XL-2-512", _DIT_FILES, "DiT-XL/2 at 512x512, ImageNet classes"),
+]}
+ALIASES = {"dit": "dit-xl-256"}
+
+
+def model_spec(name: str) -> ModelSpec:
+    spec = MODELS.get(ALIASES.get(name, name))
+    if spec is None:
+        raise MiniditError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS) + sorted(ALIASES))}")
+    return spec
+
+
+def recipe_class(family: str):
+    if family == "dit":
+        from minidit.pipelines.dit import DiTRecipe
+
+        return DiTRecipe
+    raise AssertionError(f"no recipe for family {family!r}")

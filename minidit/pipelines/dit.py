@@ -6,10 +6,16 @@ before the scheduler step. `convention="original"` follows facebookresearch/DiT'
 instead: guidance on the first 3 channels only, the two halves evolving separately.
 """
 
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from minidit.models.dit import DiT
-from minidit.schedulers.ddim import DDIM
+from minidit import weights
+from minidit.errors import MiniditError
+from minidit.models.dit import DiT, load_dit
+from minidit.schedulers.ddim import DDIM, DDIMConfig
 
 GUIDED_CHANNELS_ORIGINAL = 3  # NOTE(official): the original DiT guides 3 of the 4 latent channels
 
@@ -49,3 +55,72 @@ def sample(model: DiT, scheduler: DDIM, labels: torch.Tensor, noise: torch.Tenso
 
     x = scheduler.sample(model_fn, torch.cat([noise, noise]))
     return x.chunk(2)[0]
+
+
+class DiTRecipe:
+    """DiT-XL/2 and dit-tiny for the analysis: a Hub-layout folder -> backbone, scheduler, labels, decoding."""
+
+    schedulers = ("ddim",)
+    default_scheduler = "ddim"
+    default_steps = 50  # DiTPipeline's num_inference_steps
+    default_guidance = 4.0  # DiTPipeline's guidance_scale
+    # facebookresearch/DiT sample.py's class labels, used when no --prompts file is given
+    default_labels = (207, 360, 387, 974, 88, 979, 417, 279)
+
+    def __init__(self, folder: Path, *, dtype: torch.dtype, device: str, convention: str = "diffusers"):
+        self.folder, self.dtype, self.device, self.convention = folder, dtype, device, convention
+        self.model = load_dit(folder / "transformer", dtype=dtype, device=device, convention=convention)
+        self.scheduler_config = DDIMConfig.from_hub(weights.read_json(folder / "scheduler" / "scheduler_config.json"))
+        index = weights.read_json(folder / "model_index.json")
+        self.id2label = {int(k): v for k, v in index.get("id2label", {}).items()}
+        self.pixel_space = "vae" not in index  # dit-tiny draws RGB directly; DiT-XL/2 needs the SD VAE
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_embeds_ada_norm
+
+    def default_prompts(self) -> list[str]:
+        if self.num_classes <= len(self.default_labels) or self.pixel_space:
+            return [self.id2label.get(i, str(i)) for i in range(self.num_classes)]
+        return [str(i) for i in self.default_labels]
+
+    def parse_prompt(self, prompt: str) -> int:
+        """A class id ("207") or a class name as in model_index.json's id2label (any of its comma-separated names)."""
+        text = prompt.strip()
+        if text.isdigit() and int(text) < self.num_classes:
+            return int(text)
+        for label, names in self.id2label.items():
+            if text.lower() in (n.strip().lower() for n in names.split(",")):
+                return label
+        raise MiniditError(f"{prompt!r} is not a class of this model: use an id 0..{self.num_classes - 1}"
+                           + (f" or a name such as {self.id2label[0]!r}" if self.id2label else ""))
+
+    def make_scheduler(self, name: str, steps: int) -> DDIM:
+        return DDIM(self.scheduler_config, steps)
+
+    def scheduler_manifest(self, scheduler: DDIM) -> dict:
+        return {"name": scheduler.name, "config": asdict(scheduler.cfg)}
+
+    def branches(self, guidance: float) -> tuple[str, ...]:
+        return branches(guidance)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        side = self.model.config.sample_size
+        return (side, side)
+
+    def generate(self, prompt: str, seed: int, scheduler: DDIM, guidance: float) -> torch.Tensor:
+        cfg = self.model.config
+        noise = initial_noise((1, cfg.in_channels, *self.resolution), seed, self.dtype, self.device)
+        labels = torch.tensor([self.parse_prompt(prompt)], device=self.device)
+        return sample(self.model, scheduler, labels, noise, guidance=guidance, convention=self.convention)
+
+    @property
+    def can_decode(self) -> bool:
+        return self.pixel_space  # DiT-XL/2's SD VAE decoder is not in minidit yet
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 (B, H, W, 3) images."""
+        assert self.pixel_space, "DiT-XL/2 latents need the SD VAE decoder"
+        images = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,195 @@
+"""Measure how much attention K, V and A change between consecutive diffusion steps, per layer, over prompts.
+
+    python analyze.py                                   # the embedded dit-tiny on the CPU, ~1 minute
+    python analyze.py --model dit-xl-256 --device cuda --dtype fp16
+    python analyze.py --model dit-tiny --steps 20 --out runs/tiny-20
+    python analyze.py --compare runs/tiny-20 runs/dit-tiny-ddim-50steps --out runs/compare-steps
+    python analyze.py --aggregate runs/dit-tiny-ddim-50steps    # rebuild tables and figures from the records
+
+A run directory holds manifest.json, one record per prompt, summary.csv, cv.csv and figures/ (see README).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from minidit.errors import MiniditError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from minidit.pipelines import ALIASES, MODELS
+
+    names = ", ".join(sorted(MODELS) + sorted(ALIASES))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dit-tiny", help=f"one of: {names} (default: dit-tiny)")
+    p.add_argument("--weights", metavar="DIR", help="a local folder in the model's Hub layout instead of a download")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) to download")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's pipeline default)")
+    p.add_argument("--scheduler", help="sampler name (default: the model's own)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    p.add_argument("--prompts", metavar="FILE", help="UTF-8 text, one prompt per line (class ids or names for "
+                                                     "class-conditional models)")
+    p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    p.add_argument("--seed", type=int, default=0, help="initial noise seed, the same for every prompt (default 0)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on a GPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    p.add_argument("--convention", default="diffusers", choices=["diffusers", "original"],
+                   help="DiT only: diffusers' DiTPipeline numerics (default) or the original repository's")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/MODEL-SCHEDULER-Nsteps)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished prompts")
+    p.add_argument("--save-images", action="store_true", help="write each prompt's image and a sample grid")
+    p.add_argument("--save-latents", action="store_true", help="write each prompt's final latents (safetensors)")
+    p.add_argument("--prev-on-host", action="store_true",
+                   help="keep the previous step's K/V/A in host memory instead of on the accelerator")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="compare finished runs (needs --out)")
+    p.add_argument("--labels", nargs="+", help="with --compare: one label per run (default: folder names)")
+    p.add_argument("--aggregate", metavar="RUN", help="rebuild summary.csv, cv.csv and figures of a run")
+    return p.parse_args(argv)
+
+
+def read_prompts(path: str | None, num: int | None, default: list[str]) -> tuple[list[str], str]:
+    if num is not None and num < 1:
+        raise MiniditError(f"--num-prompts must be at least 1, got {num}")
+    if path is None:
+        prompts, source = default, "default"
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise MiniditError(f"prompt file {file} does not exist: pass a UTF-8 text file, one prompt per line")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise MiniditError(f"prompt file {file} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+        prompts, source = [line.strip() for line in text.splitlines() if line.strip()], str(file)
+        if not prompts:
+            raise MiniditError(f"prompt file {file} has no prompts: write one prompt per line")
+    if num is not None:
+        if num > len(prompts):
+            raise MiniditError(f"--num-prompts {num} asks for more prompts than the {len(prompts)} available")
+        prompts = prompts[:num]
+    return prompts, source
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def analyze(args: argparse.Namespace) -> Path:
+    from minidit.analysis import RunDir
+    from minidit.analysis.engine import build_manifest, run_prompts
+    from minidit.api import load_backbone, resolve_weights
+    from minidit.pipelines import model_spec, recipe_class
+
+    spec = model_spec(args.model)
+    family = recipe_class(spec.family)
+    if args.steps is not None and args.steps < 2:
+        raise MiniditError(f"--steps must be at least 2 (the analysis compares consecutive steps), got {args.steps}")
+    scheduler_name = args.scheduler or family.default_scheduler
+    if scheduler_name not in family.schedulers:
+        raise MiniditError(f"{spec.name} has no scheduler {scheduler_name!r}; choose one of "
+                           f"{', '.join(family.schedulers)}")
+    if args.prompts is not None:
+        read_prompts(args.prompts, args.num_prompts, [])  # fail on a bad prompt file before loading weights
+    device = args.device or default_device()
+    dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    folder = resolve_weights(spec, args.weights, args.revision)
+    options = {"convention": args.convention} if spec.family == "dit" else {}
+    recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
+    prompts, source = read_prompts(args.prompts, args.num_prompts, recipe.default_prompts())
+    for prompt in prompts:
+        recipe.parse_prompt(prompt)
+    steps = args.steps or recipe.default_steps
+    guidance = recipe.default_guidance if args.guidance is None else args.guidance
+    scheduler = recipe.make_scheduler(scheduler_name, steps)
+    save_images, save_latents = args.save_images, args.save_latents
+    if save_images and not recipe.can_decode:
+        print(f"note: minidit has no image decoder for {spec.name} yet (the SD VAE arrives with PixArt); "
+              f"saving latents instead", file=sys.stderr)
+        save_images, save_latents = False, True
+
+    out = Path(args.out or f"runs/{spec.name}-{scheduler_name}-{steps}steps")
+    run = RunDir(out)
+    manifest = build_manifest(recipe, spec, weights=str(args.weights or spec.repo or folder), revision=args.revision,
+                              dtype=dtype, device=device, scheduler=scheduler, guidance=guidance, seed=args.seed,
+                              prompt_source=source, n_prompts=len(prompts), prev_on_host=args.prev_on_host)
+    run.open(manifest, prompts, resume=args.resume)
+    print(f"{spec.name}: {len(prompts)} prompts x {steps} steps ({scheduler_name}, guidance {guidance}) "
+          f"on {device} in {dtype} -> {out}", file=sys.stderr)
+    run_prompts(recipe, prompts, run, scheduler=scheduler, guidance=guidance, seed=args.seed,
+                save_images=save_images, save_latents=save_latents, prev_on_host=args.prev_on_host)
+    return finish(out)
+
+
+def finish(out: Path) -> Path:
+    """Aggregate the records of a run directory, draw its figures, print where everything is."""
+    from minidit.analysis import aggregate
+    from minidit.analysis.figures import sample_grid, write_figures
+
+    run = aggregate(out)
+    written = write_figures(run, out / "figures")
+    images = sorted((out / "images").glob("*.png")) if (out / "images").is_dir() else []
+    if images:
+        written.append(sample_grid_from_files(images, out, sample_grid))
+    print(f"done: {len(run.prompt_indices)} prompts in {out}/ (summary.csv, cv.csv, "
+          f"{len(written)} figures in {out}/figures)", file=sys.stderr)
+    return out
+
+
+def sample_grid_from_files(images: list[Path], out: Path, sample_grid) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    prompts = (out / "prompts.txt").read_text(encoding="utf-8").splitlines()
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    labels = [prompts[int(p.stem)] for p in images]
+    return sample_grid(arrays, labels, out / "figures" / "samples.png")
+
+
+def compare(args: argparse.Namespace) -> Path:
+    import csv
+
+    from minidit.analysis import read_run
+    from minidit.analysis.figures import compare as compare_figure
+
+    if not args.out:
+        raise MiniditError("--compare needs --out DIR for the comparison figures")
+    labels = args.labels or [Path(r).name for r in args.compare]
+    if len(labels) != len(args.compare):
+        raise MiniditError(f"--labels gives {len(labels)} labels for {len(args.compare)} runs")
+    runs = [read_run(r) for r in args.compare]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for metric in ("l1", "rel_l1"):
+        rows += compare_figure(runs, labels, metric, out / f"compare_{metric}.png")
+    with (out / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"compared {len(runs)} runs -> {out}/ (compare.csv, compare_l1.png, compare_rel_l1.png)", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.compare:
+            compare(args)
+        elif args.aggregate:
+            finish(Path(args.aggregate))
+        else:
+            analyze(args)
+    except MiniditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished prompts are saved; rerun the same command with --resume to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

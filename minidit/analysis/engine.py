@@ -1,0 +1,105 @@
+"""The analysis loop: every prompt not yet done -> sample with the recorder attached -> an atomic record.
+
+`run_prompts` fills a run directory; `aggregate` (aggregate.py) and `write_figures` (figures.py) turn the
+records into tables and plots. They are separate steps so that several processes can fill one directory.
+"""
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import minidit
+from minidit.analysis.recorder import SUMS, TENSORS, Recorder, stream_axis
+from minidit.analysis.rundir import RunDir, write_atomic
+
+
+def build_manifest(recipe, spec, *, weights: str, revision: str | None, dtype: str, device: str, scheduler,
+                   guidance: float, seed: int, prompt_source: str, n_prompts: int, prev_on_host: bool) -> dict:
+    layers = recipe.model.attention_layers()
+    return {
+        "model": spec.name,
+        "repo": spec.repo,
+        "weights": weights,
+        "revision": revision,
+        "dtype": dtype,
+        "device": str(device),
+        "steps": len(scheduler.timesteps),
+        "scheduler": recipe.scheduler_manifest(scheduler),
+        "timesteps": [float(t) for t in scheduler.timesteps],
+        "sigmas": [float(s) for s in scheduler.sigmas],
+        "guidance": guidance,
+        "convention": getattr(recipe, "convention", None),
+        "resolution": list(recipe.resolution),
+        "frames": None,
+        "seed": seed,
+        "prompt_source": prompt_source,
+        "n_prompts": n_prompts,
+        "layers": [{"index": i, "name": l.name, "kind": l.kind, "streams": list(l.streams), "a_point": l.a_point}
+                   for i, l in enumerate(layers)],
+        "streams": list(stream_axis(layers)),
+        "branches": list(recipe.branches(guidance)),
+        "tensors": list(TENSORS),
+        "sums": list(SUMS),
+        "prev_on_host": prev_on_host,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "minidit": minidit.__version__},
+    }
+
+
+def run_prompts(recipe, prompts: list[str], run: RunDir, *, scheduler, guidance: float, seed: int,
+                save_images: bool = False, save_latents: bool = False, prev_on_host: bool = False) -> int:
+    """Sample and record every prompt whose record is missing; returns how many were done now."""
+    steps = len(scheduler.timesteps)
+    recorder = Recorder(recipe.model.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
+                        device=recipe.device, prev_on_host=prev_on_host)
+    todo = [i for i in range(len(prompts)) if i not in run.done()]
+    if len(todo) < len(prompts):
+        print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done", file=sys.stderr)
+    step_bar = tqdm(total=steps, desc="steps", leave=False, disable=None)
+    hook = recipe.model.register_forward_pre_hook(lambda *_: step_bar.update())
+    try:
+        for i in tqdm(todo, desc="prompts", disable=None):
+            step_bar.reset()
+            started = time.perf_counter()
+            recorder.start_prompt()
+            with recorder.attach(recipe.model):
+                latents = recipe.generate(prompts[i], seed, scheduler, guidance)
+            sums = recorder.finish()
+            if save_latents:
+                save_latents_file(run.path / "latents" / f"{i:06d}.safetensors", latents)
+            if save_images:
+                save_images_file(run.path / "images" / f"{i:06d}.png", recipe.decode(latents))
+            run.write_record(i, sums, {"prompt": prompts[i], "seed": seed,
+                                       "seconds": round(time.perf_counter() - started, 3)})
+    finally:
+        hook.remove()
+        step_bar.close()
+    manifest = run.manifest()
+    manifest["analysis_held_bytes"] = max(manifest.get("analysis_held_bytes", 0), recorder.held_bytes)
+    manifest["n_prompts_done"] = len(run.done())
+    run.write_manifest(manifest)
+    return len(todo)
+
+
+def save_latents_file(path: Path, latents: torch.Tensor) -> None:
+    """Final latents as safetensors (key "latents"): readable with safetensors.numpy or safetensors.torch."""
+    from safetensors.torch import save
+
+    path.parent.mkdir(exist_ok=True)
+    write_atomic(path, save({"latents": latents.detach().float().cpu().contiguous()}))
+
+
+def save_images_file(path: Path, images: np.ndarray) -> None:
+    import io
+
+    from PIL import Image
+
+    path.parent.mkdir(exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
