@@ -47,6 +47,7 @@ class Recorder:
     def start_prompt(self) -> None:
         shape = (len(self.layers), len(self.streams), len(self.branches), len(TENSORS), self.num_steps - 1)
         self.sums = torch.zeros(*shape, len(SUMS) - 1, dtype=torch.float32, device=self.device)
+        self.energy = torch.zeros(*shape[:-1], self.num_steps, dtype=torch.float32, device=self.device)  # sum X^2
         self.n = np.zeros((len(self.layers), len(self.streams), len(TENSORS)), dtype=np.float64)
         self.prev: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.step = -1
@@ -77,17 +78,29 @@ class Recorder:
     def _accumulate(self, key: tuple[int, int, int], cur: torch.Tensor) -> None:
         x = _per_branch(cur, len(self.branches)).float()  # (Br, n)
         x_l1, x_sq = x.abs().sum(1), torch.linalg.vecdot(x, x)
+        li, si, ti = key
+        self.energy[li, si, :, ti, self.step] = x_sq  # non-finite iff x has a non-finite element
         if self.step == 0:
             self.n[key] = x.shape[1]
         else:
             held, p_l1, p_sq = self.prev[key]
             p = _per_branch(held.to(self.device, non_blocking=True), len(self.branches)).float()
             d = x - p
-            li, si, ti = key
             self.sums[li, si, :, ti, self.step - 1] = torch.stack(
                 [d.abs().sum(1), p_l1, torch.linalg.vecdot(d, d), torch.linalg.vecdot(x, p), x_sq, p_sq], dim=-1)
         held = cur.to("cpu", non_blocking=True) if self.prev_on_host else cur
         self.prev[key] = (held, x_l1, x_sq)
+
+    def _first_non_finite(self, energy: np.ndarray) -> str:
+        bad = ~np.isfinite(energy)  # [layer, stream, branch, tensor, step]
+        step = int(np.argwhere(bad.any(axis=(0, 1, 2, 3)))[0, 0]) if bad.any() else None
+        where = "a difference between two steps overflowed"
+        if step is not None:
+            li, si, bi, ti = np.argwhere(bad[..., step])[0]  # first layer in enumeration order, then K, V, A
+            where = (f"non-finite {TENSORS[ti]} in layer {self.layers[li].name} ({self.streams[si]}, "
+                     f"{self.branches[bi]}) at step {step}")
+        return (f"{where}: an overflow, often T5 or attention in fp16; retry with --dtype bf16 or fp32. "
+                f"Nothing was recorded for this prompt")
 
     def _bytes_held(self) -> int:
         seen, total = set(), 0
@@ -102,14 +115,10 @@ class Recorder:
         """Float64 sums [layer, stream, branch, tensor, transition, 7] (n first) of the prompt just sampled."""
         if self.step != self.num_steps - 1:
             raise MiniditError(f"the backbone ran {self.step + 1} steps, the recorder expected {self.num_steps}")
-        sums = self.sums.double().cpu().numpy()  # the one host sync of the prompt
+        sums, energy = self.sums.double().cpu().numpy(), self.energy.cpu().numpy()  # the one host sync
         self.prev.clear()
-        bad = ~np.isfinite(sums)
-        if bad.any():
-            li, si, bi, ti, d, _ = np.argwhere(bad)[0]
-            raise MiniditError(f"non-finite {TENSORS[ti]} statistic in layer {self.layers[li].name} "
-                               f"({self.streams[si]}, {self.branches[bi]}) between steps {d} and {d + 1}: "
-                               f"an overflow, often T5 or attention in fp16; retry with --dtype bf16 or fp32")
+        if not np.isfinite(energy).all() or not np.isfinite(sums).all():
+            raise MiniditError(self._first_non_finite(energy))
         moved = sums[..., 0].sum(axis=(0, 1, 2, 3))  # total s_abs per transition
         if (moved == 0).any():
             d = int(np.argmin(moved))

@@ -1,0 +1,160 @@
+"""The analysis engine: metrics against a float64 recomputation, resume after a kill, the guards."""
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+import minidit
+from minidit.analysis import Recorder, derive, read_run
+from minidit.attention import recording
+from minidit.errors import MiniditError
+
+from conftest import ROOT
+
+PROMPTS = ["circle", "square", "triangle"]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "analyze.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+class CaptureAll:
+    """A recorder that keeps every captured tensor, in float64, for recomputation."""
+
+    def __init__(self):
+        self.seen = defaultdict(list)  # (layer, tensor) -> [step tensors]
+
+    def capture(self, layer, tensor, x, token_dim, streams):
+        self.seen[(layer, tensor)].append(x.detach().double().clone())
+
+
+def float64_metrics(prev: torch.Tensor, cur: torch.Tensor) -> dict[str, float]:
+    d = cur - prev
+    return {"l1": d.abs().mean().item(), "rel_l1": (d.abs().sum() / prev.abs().sum()).item(),
+            "mse": (d * d).mean().item(),
+            "cos_dist": 1 - ((cur * prev).sum() / (cur.square().sum() * prev.square().sum()).sqrt()).item()}
+
+
+def test_summary_equals_float64_recomputation(tiny_dit, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("--weights", str(tiny_dit), "--steps", "6", "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+
+    recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
+    branches = recipe.branches(recipe.default_guidance)
+    expected = defaultdict(list)  # (layer, branch, tensor, d, metric) -> per-prompt values
+    for prompt in recipe.default_prompts():
+        capture = CaptureAll()
+        with recording(capture):
+            minidit.sample(recipe, prompt, steps=6)
+        for (layer, tensor), steps in capture.seen.items():
+            assert len(steps) == 6
+            for d in range(1, 6):
+                halves = zip(steps[d - 1].chunk(len(branches)), steps[d].chunk(len(branches)))
+                for branch, (prev, cur) in zip(branches, halves):
+                    for metric, value in float64_metrics(prev, cur).items():
+                        expected[(layer, branch, tensor, d, metric)].append(value)
+                for metric, value in float64_metrics(steps[d - 1], steps[d]).items():
+                    expected[(layer, "all", tensor, d, metric)].append(value)
+
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert len(rows) == len(expected)
+    for row in rows:
+        values = np.array(expected[(row["layer_name"], row["branch"], row["tensor"], int(row["transition"]),
+                                    row["metric"])])
+        mean, std = values.mean(), values.std()
+        # float32 sums on the device: relative error ~1e-6; cos_dist is a difference from 1, so absolute.
+        atol = 2e-6 if row["metric"] == "cos_dist" else 0
+        assert float(row["mean"]) == pytest.approx(mean, rel=2e-5, abs=atol), row
+        assert float(row["std"]) == pytest.approx(std, rel=1e-3, abs=atol + 1e-9), row
+        assert int(row["n_prompts"]) == len(recipe.default_prompts())
+
+
+def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS * 3) + "\n")
+    common = ["--weights", str(tiny_dit), "--prompts", str(prompts), "--steps", "20", "--device", "cpu"]
+    whole = tmp_path / "whole"
+    assert run_cli(*common, "--out", str(whole)).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "analyze.py"), *common, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "records" / "000002.npz").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((killed / "records").glob("*.npz")))
+    assert 3 <= done < len(PROMPTS) * 3, "the kill should land in the middle of the run"
+    assert not (killed / "summary.csv").exists()
+
+    resumed = run_cli(*common, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done} of 9 prompts already done" in resumed.stderr
+    assert (killed / "summary.csv").read_bytes() == (whole / "summary.csv").read_bytes()
+    assert (killed / "cv.csv").read_bytes() == (whole / "cv.csv").read_bytes()
+
+
+def test_cv_is_population_std_over_mean_and_every_prompt_counts(tiny_dit, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("--weights", str(tiny_dit), "--steps", "4", "--out", str(out), "--device", "cpu").returncode == 0
+    run = read_run(out)
+    values = derive(run.sums)["l1"]  # [prompt, ...]
+    assert values.shape[0] == 4
+    mean, std, cv = run.stats("l1")
+    np.testing.assert_allclose(cv, values.std(axis=0, ddof=0) / values.mean(axis=0))
+    table = list(csv.DictReader((out / "cv.csv").open()))
+    row = next(r for r in table if (r["metric"], r["branch"], r["tensor"]) == ("l1", "all", "A"))
+    assert float(row["mean_cv"]) == pytest.approx(np.nanmean(cv[:, :, run.branches.index("all"), 2, :]), rel=1e-9)
+
+
+def _layers(recipe):
+    return recipe.model.attention_layers()
+
+
+def test_in_place_modification_is_reported(tiny_dit, monkeypatch):
+    recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
+    # A backbone that returns the same input every step makes every captured tensor repeat exactly.
+    original = recipe.model.forward
+    monkeypatch.setattr(recipe.model, "forward", lambda x, t, y: original(x, torch.zeros_like(t) + 999, y))
+    monkeypatch.setattr(minidit.pipelines.dit.DDIM, "step", lambda self, eps, t, x: x)
+    with pytest.raises(MiniditError, match="equals step"):
+        minidit.sample(recipe, "circle", steps=3, record=True)
+
+
+def test_non_finite_statistic_names_layer_tensor_and_step(tiny_dit):
+    recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
+    with torch.no_grad():
+        recipe.model.transformer_blocks[1].attn1.to_v.bias.fill_(math.inf)
+    with pytest.raises(MiniditError, match=r"non-finite V in layer transformer_blocks\.1\.attn1 \(img, cond\) at step 0"):
+        minidit.sample(recipe, "circle", steps=3, record=True)
+
+
+def test_recorder_counts_steps_and_needs_two(tiny_dit):
+    recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
+    with pytest.raises(MiniditError, match="at least 2 steps"):
+        Recorder(_layers(recipe), branches=("cond",), num_steps=1, device="cpu")
+    recorder = Recorder(_layers(recipe), branches=("cond", "uncond"), num_steps=5, device="cpu")
+    with recorder.attach(recipe.model):
+        minidit.sample(recipe, "circle", steps=3)
+    with pytest.raises(MiniditError, match="ran 3 steps, the recorder expected 5"):
+        recorder.finish()
+
+
+def test_prev_on_host_gives_the_same_sums(tiny_dit):
+    recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
+    _, on_device = minidit.sample(recipe, "square", steps=4, record=True)
+    _, on_host = minidit.sample(recipe, "square", steps=4, record=True, prev_on_host=True)
+    np.testing.assert_array_equal(on_device, on_host)
+    assert on_device.shape == (2, 1, 2, 3, 3, 7)  # layer, stream, branch, tensor, transition, sums
