@@ -1,0 +1,283 @@
+"""DiT parity: minidit's loader, model and sampling recipe against the reference, on identical tiny weights.
+
+Every fixture goes through minidit's real loading code (`load_dit` on the Hub-layout folders, the `.bin` folder
+and the original `.pt`). Each comparison runs against:
+- "fixture": the outputs stored by tests/reference/generate.py (diffusers 0.42.1, see fixtures/dit/VERSIONS.json);
+- "live": a reference rebuilt now from the same files with the installed diffusers (skipped without it).
+The error is max |minidit - reference| / max(1, max |reference|), in fp32.
+"""
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minidit import weights
+from minidit.attention import explicit_attention
+from minidit.models import dit
+from minidit.models.dit import DiT, DiTConfig, load_dit
+from minidit.pipelines.dit import initial_noise, sample
+from minidit.schedulers.ddim import DDIM, DDIMConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dit"
+ORIGINAL_PT = FIXTURES / "original" / "DiT-tiny-2-64x64.pt"
+TOL = 1e-5
+TINY_PRESET = "DiT-tiny/2"
+
+
+def _generator():
+    """tests/reference/generate.py as a module: the port of the original DiT and the live diffusers oracles."""
+    name = "minidit_tests_reference_generate"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "reference" / "generate.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+G = _generator()
+LIVE = pytest.mark.skipif(not _installed("diffusers"), reason="diffusers is not installed: the live reference cases "
+                          "are skipped (the stored-fixture cases still run)")
+SOURCES = [pytest.param("fixture"), pytest.param("live", marks=LIVE)]
+LAYOUTS = ["sharded", "single", "bin"]
+
+# NOTE: minidit bugs found while writing these tests. The xfail markers are strict: once the bug is fixed the
+# tests pass, pytest reports XPASS as a failure, and the marker must be removed. `pytest --runxfail` shows them.
+BUG_ORIGINAL_TO_HUB = pytest.mark.xfail(
+    raises=KeyError, strict=True,
+    reason="minidit bug: original_to_hub runs str.format on 'transformer_blocks.{i}.attn1.to_{q,k,v}.*' "
+           "before replacing '{q,k,v}' -> KeyError('q,k,v'): no original .pt loads")
+BUG_ORIGINAL_CFG_HALVES = pytest.mark.xfail(
+    raises=AssertionError, strict=True,
+    reason="minidit bug: sample(convention='original') feeds the model [x_cond; x_uncond]; the original "
+           "forward_with_cfg feeds [x_cond; x_cond] (its first half twice), the halves differ after step 1")
+
+
+@cache
+def stored() -> dict[str, torch.Tensor]:
+    return load_file(FIXTURES / "reference.safetensors")
+
+
+def inputs():
+    ref = stored()
+    return ref["dit/x"], ref["dit/t"], ref["dit/y"]
+
+
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all()
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1)).item()
+
+
+def assert_parity(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
+    error = scaled_error(actual, expected)
+    assert error <= tol, f"max error {error:.3g} (relative to max(1, |reference|)) exceeds {tol:g}"
+
+
+def scheduler_config(folder: str = "single") -> dict:
+    return json.loads((FIXTURES / folder / "scheduler" / "scheduler_config.json").read_text())
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    """An original `.pt` carries no config and load_dit only knows the DiT-XL/2 presets; register the tiny one."""
+    monkeypatch.setitem(dit.PRESETS, TINY_PRESET, DiTConfig(**G.TINY))
+
+
+# ---- the references ---------------------------------------------------------------------------------------
+
+def reference_forward(source: str, layout: str, numerics: str) -> torch.Tensor:
+    key = {"diffusers": "dit/hub_out", "original": "dit/hub_out_original_numerics"}[numerics]
+    if source == "fixture":
+        return stored()[key]
+    return G.diffusers_forward(G.diffusers_dit(FIXTURES / layout / "transformer", numerics=numerics), *inputs())
+
+
+def reference_original_forward(source: str) -> torch.Tensor:
+    if source == "fixture":
+        return stored()["dit/original_out"]  # from the port of facebookresearch/DiT models.py
+    state = G.original_to_diffusers(torch.load(ORIGINAL_PT, weights_only=True), G.TINY["num_layers"])
+    return G.diffusers_forward(G.diffusers_dit(state_dict=state, numerics="original"), *inputs())
+
+
+def reference_pipeline(source: str, guidance: float) -> torch.Tensor:
+    name = "guided" if guidance > 1 else "unguided"
+    if source == "fixture":
+        return stored()[f"pipeline/{name}"]
+    return G.diffusers_pipeline_latents(G.diffusers_dit(FIXTURES / "single" / "transformer"), scheduler_config(),
+                                        G.PIPELINE_LABELS, G.PIPELINE_STEPS, guidance, G.PIPELINE_SEED)
+
+
+# ---- the transformer ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("convention", ["diffusers", "original"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hub_layout_forward(layout, convention, source):
+    model = load_dit(FIXTURES / layout / "transformer", convention=convention)
+    with torch.no_grad():
+        out = model(*inputs())
+    assert_parity(out, reference_forward(source, layout, convention))
+
+
+@BUG_ORIGINAL_TO_HUB
+@pytest.mark.parametrize("source", SOURCES)
+def test_original_layout_forward(source, tiny_preset):
+    model = load_dit(ORIGINAL_PT, preset=TINY_PRESET)
+    assert model.config == replace(DiTConfig(**G.TINY), norm_eps=1e-6, freq_shift=0.0)
+    with torch.no_grad():
+        out = model(*inputs())
+    assert_parity(out, reference_original_forward(source))
+
+
+def test_the_two_numerics_really_differ():
+    """Guards the tests above: the diffusers and original conventions must not be confusable at TOL."""
+    ref = stored()
+    assert scaled_error(ref["dit/hub_out"], ref["dit/hub_out_original_numerics"]) > 100 * TOL
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hub_layout_loads_the_files_bit_exactly(layout):
+    model = load_dit(FIXTURES / layout / "transformer")
+    expected = load_file(FIXTURES / "single" / "transformer" / "diffusion_pytorch_model.safetensors")
+    loaded = model.state_dict()
+    assert loaded.keys() == expected.keys() and len(loaded) == 44
+    for key, tensor in expected.items():
+        assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], tensor), key
+    # config.json has no norm_eps: diffusers' default 1e-5 applies; its ignored legacy keys are ignored
+    assert model.config == DiTConfig(**G.TINY)
+    assert model.config.norm_eps == 1e-5 and model.config.freq_shift == 1.0
+    assert load_dit(FIXTURES / layout / "transformer", convention="original").config == replace(
+        model.config, norm_eps=1e-6, freq_shift=0.0)
+
+
+@BUG_ORIGINAL_TO_HUB
+def test_original_layout_loads_bit_exactly(tiny_preset):
+    """§13.1: the converter must reproduce the diffusers-layout state dict bit-exactly (here: the conversion as
+    diffusers' convert_dit_to_diffusers.py does it, written out in the generator)."""
+    model = load_dit(ORIGINAL_PT, preset=TINY_PRESET)
+    original = torch.load(ORIGINAL_PT, weights_only=True)
+    assert original["pos_embed"].shape == (1, 16, 16)
+    expected = G.original_to_diffusers(original, G.TINY["num_layers"])
+    loaded = model.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(loaded[key], tensor), key
+
+
+def test_pos_embed_table_equals_the_original_stored_one():
+    """minidit recomputes the fixed sin-cos table the original checkpoints store as `pos_embed`."""
+    model = load_dit(FIXTURES / "single" / "transformer")
+    x = torch.zeros(1, 4, 8, 8)
+    with torch.no_grad():
+        table = model.pos_embed(x) - model.pos_embed.proj(x).flatten(2).transpose(1, 2)  # (1, L, D)
+    stored_table = torch.load(ORIGINAL_PT, weights_only=True)["pos_embed"]
+    assert (table - stored_table).abs().max() < 1e-6
+
+
+def test_bf16_load_and_forward():
+    model = load_dit(FIXTURES / "sharded" / "transformer", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    x, t, y = inputs()
+    with torch.no_grad():
+        out = model(x.bfloat16(), t, y)
+    assert out.dtype == torch.bfloat16
+    assert_parity(out.float(), stored()["dit/hub_out"], tol=3e-2)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_explicit_attention_equals_fused_on_the_dit_forward(source, monkeypatch):
+    model = load_dit(FIXTURES / "single" / "transformer")
+    with torch.no_grad():
+        fused = model(*inputs())
+        with explicit_attention():
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", None)  # must not be called
+            explicit = model(*inputs())
+            monkeypatch.undo()
+    assert scaled_error(explicit, fused) <= TOL
+    assert_parity(explicit, reference_forward(source, "single", "diffusers"))
+
+
+# ---- end to end --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_initial_noise_is_the_pipelines_draw(source):
+    batch = len(G.PIPELINE_LABELS)
+    expected = stored()["pipeline/noise"] if source == "fixture" else G.pipeline_noise(batch, G.PIPELINE_SEED)
+    assert torch.equal(initial_noise((batch, 4, 8, 8), G.PIPELINE_SEED, torch.float32, "cpu"), expected)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("guidance", [G.PIPELINE_GUIDANCE, 1.0])
+def test_pipeline_final_latents(guidance, source):
+    """diffusers' DiTPipeline: DDIM from the Hub scheduler config, 4 steps, labels [1, 3], noise from seed 0."""
+    model = load_dit(FIXTURES / "single" / "transformer")
+    scheduler = DDIM(DDIMConfig.from_hub(scheduler_config()), G.PIPELINE_STEPS)
+    noise = initial_noise((len(G.PIPELINE_LABELS), 4, 8, 8), G.PIPELINE_SEED, torch.float32, "cpu")
+    latents = sample(model, scheduler, torch.tensor(G.PIPELINE_LABELS), noise, guidance=guidance)
+    assert_parity(latents, reference_pipeline(source, guidance))
+
+
+def original_convention_model() -> DiT:
+    """The `.pt` weights in the original numerics, loaded without original_to_hub (see BUG_ORIGINAL_TO_HUB) so
+    that the sampling tests below test only the sampling recipe."""
+    with torch.device("meta"):
+        model = DiT(replace(DiTConfig(**G.TINY), **dit.ORIGINAL_CONVENTION))
+    state = G.original_to_diffusers(torch.load(ORIGINAL_PT, weights_only=True), G.TINY["num_layers"])
+    weights.load_into(model, state, dtype=torch.float32, device="cpu", source=str(ORIGINAL_PT))
+    return model.eval()
+
+
+def reference_original_pipeline(source: str, steps: int) -> torch.Tensor:
+    if source == "fixture":
+        return stored()[f"pipeline/original_steps{steps}"]
+    port = G.load_original(torch.load(ORIGINAL_PT, weights_only=True))
+    return G.original_pipeline_latents(port, scheduler_config(), G.PIPELINE_LABELS, steps, G.PIPELINE_GUIDANCE,
+                                       G.PIPELINE_SEED)
+
+
+def run_original_convention(steps: int) -> torch.Tensor:
+    scheduler = DDIM(DDIMConfig.from_hub(scheduler_config()), steps)
+    noise = initial_noise((len(G.PIPELINE_LABELS), 4, 8, 8), G.PIPELINE_SEED, torch.float32, "cpu")
+    return sample(original_convention_model(), scheduler, torch.tensor(G.PIPELINE_LABELS), noise,
+                  guidance=G.PIPELINE_GUIDANCE, convention="original")
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_original_convention_one_step(source):
+    """One step: guidance on 3 channels (the 4th channel is the conditional eps), vs the port's forward_with_cfg."""
+    assert_parity(run_original_convention(1), reference_original_pipeline(source, 1))
+
+
+@BUG_ORIGINAL_CFG_HALVES
+@pytest.mark.parametrize("source", SOURCES)
+def test_original_convention_four_steps(source):
+    assert_parity(run_original_convention(G.PIPELINE_STEPS), reference_original_pipeline(source, G.PIPELINE_STEPS))
+
+
+def test_fixture_matches_the_generator():
+    """The stored references were made with the generator's current constants (else: rerun it)."""
+    from safetensors import safe_open
+
+    with safe_open(FIXTURES / "reference.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["reference"])
+    assert meta["tiny"] == G.TINY
+    assert meta["pipeline"] == {"labels": G.PIPELINE_LABELS, "steps": G.PIPELINE_STEPS,
+                                "guidance": G.PIPELINE_GUIDANCE, "seed": G.PIPELINE_SEED}
+    assert stored()["dit/t"].tolist() == G.FORWARD_T and stored()["dit/y"].tolist() == G.FORWARD_Y
+    assert 0 in G.FORWARD_T and 999 in G.FORWARD_T and 1000 in G.FORWARD_Y
+    versions = json.loads((FIXTURES / "VERSIONS.json").read_text())
+    assert {"diffusers", "transformers", "torch"} <= versions.keys()
