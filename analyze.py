@@ -131,13 +131,13 @@ def finish(out: Path) -> Path:
     written = write_figures(run, out / "figures")
     images = sorted((out / "images").glob("*.png")) if (out / "images").is_dir() else []
     if images:
-        written.append(sample_grid_from_files(images, out, sample_grid))
+        written += sample_grid_from_files(images, out, sample_grid)
     print(f"done: {len(run.prompt_indices)} prompts in {out}/ (summary.csv, cv.csv, "
           f"{len(written)} figures in {out}/figures)", file=sys.stderr)
     return out
 
 
-def sample_grid_from_files(images: list[Path], out: Path, sample_grid) -> Path:
+def sample_grid_from_files(images: list[Path], out: Path, sample_grid) -> list[Path]:
     import numpy as np
     from PIL import Image
 

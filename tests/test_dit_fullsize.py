@@ -45,10 +45,6 @@ def _installed(name: str) -> bool:
 G = _generator()
 LIVE = pytest.mark.skipif(not _installed("diffusers"), reason="diffusers is not installed: the live reference cases "
                           "are skipped (the committed key list still runs)")
-BUG_ORIGINAL_TO_HUB = pytest.mark.xfail(
-    raises=KeyError, strict=True,
-    reason="minidit bug: original_to_hub runs str.format on 'transformer_blocks.{i}.attn1.to_{q,k,v}.*' "
-           "before replacing '{q,k,v}' -> KeyError('q,k,v'): no original .pt loads")
 
 
 @cache
@@ -110,7 +106,6 @@ def test_original_key_count_and_shapes():
     assert expected["pos_embed"] == (1, 256, 1152)
 
 
-@BUG_ORIGINAL_TO_HUB
 def test_original_to_hub_maps_onto_the_hub_keys_with_their_shapes():
     original = meta_tensors(table_shapes("original"))
     del original["pos_embed"]
@@ -133,7 +128,6 @@ def test_load_dit_reads_the_real_hub_config(monkeypatch):
         PRESETS["DiT-XL/2-256"], norm_eps=1e-6, freq_shift=0.0)
 
 
-@BUG_ORIGINAL_TO_HUB
 @pytest.mark.parametrize("tokens, preset", [(256, "DiT-XL/2-256"), (1024, "DiT-XL/2-512")])
 def test_load_dit_original_pt_guesses_the_preset(tmp_path, monkeypatch, tokens, preset):
     """An original `.pt` carries no config: the pos_embed length (256 or 1024 tokens) names the preset."""

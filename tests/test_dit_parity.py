@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minidit import weights
 from minidit.attention import explicit_attention
 from minidit.models import dit
 from minidit.models.dit import DiT, DiTConfig, load_dit
@@ -54,16 +53,6 @@ LIVE = pytest.mark.skipif(not _installed("diffusers"), reason="diffusers is not 
 SOURCES = [pytest.param("fixture"), pytest.param("live", marks=LIVE)]
 LAYOUTS = ["sharded", "single", "bin"]
 
-# NOTE: minidit bugs found while writing these tests. The xfail markers are strict: once the bug is fixed the
-# tests pass, pytest reports XPASS as a failure, and the marker must be removed. `pytest --runxfail` shows them.
-BUG_ORIGINAL_TO_HUB = pytest.mark.xfail(
-    raises=KeyError, strict=True,
-    reason="minidit bug: original_to_hub runs str.format on 'transformer_blocks.{i}.attn1.to_{q,k,v}.*' "
-           "before replacing '{q,k,v}' -> KeyError('q,k,v'): no original .pt loads")
-BUG_ORIGINAL_CFG_HALVES = pytest.mark.xfail(
-    raises=AssertionError, strict=True,
-    reason="minidit bug: sample(convention='original') feeds the model [x_cond; x_uncond]; the original "
-           "forward_with_cfg feeds [x_cond; x_cond] (its first half twice), the halves differ after step 1")
 
 
 @cache
@@ -133,7 +122,6 @@ def test_hub_layout_forward(layout, convention, source):
     assert_parity(out, reference_forward(source, layout, convention))
 
 
-@BUG_ORIGINAL_TO_HUB
 @pytest.mark.parametrize("source", SOURCES)
 def test_original_layout_forward(source, tiny_preset):
     model = load_dit(ORIGINAL_PT, preset=TINY_PRESET)
@@ -164,7 +152,6 @@ def test_hub_layout_loads_the_files_bit_exactly(layout):
         model.config, norm_eps=1e-6, freq_shift=0.0)
 
 
-@BUG_ORIGINAL_TO_HUB
 def test_original_layout_loads_bit_exactly(tiny_preset):
     """§13.1: the converter must reproduce the diffusers-layout state dict bit-exactly (here: the conversion as
     diffusers' convert_dit_to_diffusers.py does it, written out in the generator)."""
@@ -232,13 +219,8 @@ def test_pipeline_final_latents(guidance, source):
 
 
 def original_convention_model() -> DiT:
-    """The `.pt` weights in the original numerics, loaded without original_to_hub (see BUG_ORIGINAL_TO_HUB) so
-    that the sampling tests below test only the sampling recipe."""
-    with torch.device("meta"):
-        model = DiT(replace(DiTConfig(**G.TINY), **dit.ORIGINAL_CONVENTION))
-    state = G.original_to_diffusers(torch.load(ORIGINAL_PT, weights_only=True), G.TINY["num_layers"])
-    weights.load_into(model, state, dtype=torch.float32, device="cpu", source=str(ORIGINAL_PT))
-    return model.eval()
+    """The `.pt` weights through minidit's original-layout loader (original numerics come with the layout)."""
+    return load_dit(ORIGINAL_PT, preset=TINY_PRESET)
 
 
 def reference_original_pipeline(source: str, steps: int) -> torch.Tensor:
@@ -249,7 +231,7 @@ def reference_original_pipeline(source: str, steps: int) -> torch.Tensor:
                                        G.PIPELINE_SEED)
 
 
-def run_original_convention(steps: int) -> torch.Tensor:
+def run_original_convention(steps: int) -> torch.Tensor:  # needs the tiny_preset fixture
     scheduler = DDIM(DDIMConfig.from_hub(scheduler_config()), steps)
     noise = initial_noise((len(G.PIPELINE_LABELS), 4, 8, 8), G.PIPELINE_SEED, torch.float32, "cpu")
     return sample(original_convention_model(), scheduler, torch.tensor(G.PIPELINE_LABELS), noise,
@@ -257,14 +239,13 @@ def run_original_convention(steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_original_convention_one_step(source):
+def test_original_convention_one_step(source, tiny_preset):
     """One step: guidance on 3 channels (the 4th channel is the conditional eps), vs the port's forward_with_cfg."""
     assert_parity(run_original_convention(1), reference_original_pipeline(source, 1))
 
 
-@BUG_ORIGINAL_CFG_HALVES
 @pytest.mark.parametrize("source", SOURCES)
-def test_original_convention_four_steps(source):
+def test_original_convention_four_steps(source, tiny_preset):
     assert_parity(run_original_convention(G.PIPELINE_STEPS), reference_original_pipeline(source, G.PIPELINE_STEPS))
 
 

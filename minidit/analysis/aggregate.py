@@ -74,6 +74,11 @@ class Run:
     def sigma(self) -> np.ndarray:
         return np.asarray(self.manifest["sigmas"], dtype=float)[1:]
 
+    @property
+    def present(self) -> np.ndarray:
+        """Which cells were recorded (n > 0), [layer, stream, branch, tensor]."""
+        return self.sums[0, ..., 0, 0] > 0
+
     def metric(self, name: str) -> np.ndarray:
         """Per-prompt metric [prompt, layer, stream, branch, tensor, d]."""
         return derive(self.sums)[name]
@@ -100,8 +105,7 @@ def read_run(path: str | Path) -> Run:
 
 def write_summary(run: Run, path: Path) -> int:
     """The tidy long table: one row per (layer, stream, branch, tensor, transition, metric)."""
-    present = run.sums[0, ..., 0, 0] > 0  # n > 0: [layer, stream, branch, tensor]
-    cells = np.argwhere(present)
+    cells = np.argwhere(run.present)
     rows = 0
     with path.open("w", newline="") as f:
         out = csv.writer(f)

@@ -250,7 +250,7 @@ def original_to_hub(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, t
                     out[f"transformer_blocks.{j}.{dst.removeprefix('SHARED ')}"] = tensor
             elif "{q,k,v}" in dst:
                 for name, part in zip("qkv", tensor.chunk(3, dim=0)):
-                    out[dst.format(i=i).replace("{q,k,v}", name)] = part
+                    out[dst.replace("{q,k,v}", name).format(i=i)] = part
             else:
                 out[dst.format(i=i)] = tensor
     return out

@@ -3,7 +3,7 @@
 Follows diffusers' DiTPipeline, which is how the Hub checkpoints are used: the batch is [cond; uncond]
 with the null label `num_classes`, guidance on all latent channels, the learned-variance channels dropped
 before the scheduler step. `convention="original"` follows facebookresearch/DiT's `forward_with_cfg`
-instead: guidance on the first 3 channels only, the two halves evolving separately.
+instead: guidance on the first 3 latent channels only, the 4th taken from the conditional half.
 """
 
 from dataclasses import asdict
@@ -34,27 +34,28 @@ def branches(guidance: float) -> tuple[str, ...]:
 @torch.no_grad()
 def sample(model: DiT, scheduler: DDIM, labels: torch.Tensor, noise: torch.Tensor, *, guidance: float,
            convention: str = "diffusers") -> torch.Tensor:
-    """labels (B,), noise (B, C, H, W) -> final latents (B, C, H, W)."""
-    cfg = model.config
-    channels = cfg.in_channels
+    """labels (B,), noise (B, C, H, W) -> final latents (B, C, H, W).
+
+    With guidance the backbone sees [x; x] with labels [y; null] (both references feed the conditional
+    latents to both halves), and the guided epsilon moves x.
+    """
+    channels = model.config.in_channels
     if guidance <= 1:
-        def model_fn(x, t):
-            out = model(x, torch.full((x.shape[0],), t, device=x.device), labels)
-            return out[:, :channels]
-        return scheduler.sample(model_fn, noise)
+        return scheduler.sample(lambda x, t: model(x, _timesteps(t, x), labels)[:, :channels], noise)
 
-    y = torch.cat([labels, torch.full_like(labels, cfg.num_embeds_ada_norm)])  # [cond; uncond]
-    guided = channels if convention == "diffusers" else GUIDED_CHANNELS_ORIGINAL
+    y = torch.cat([labels, torch.full_like(labels, model.config.num_embeds_ada_norm)])  # [cond; uncond]
+    g = channels if convention == "diffusers" else GUIDED_CHANNELS_ORIGINAL
 
-    def model_fn(x, t):
-        out = model(x, torch.full((x.shape[0],), t, device=x.device), y)  # (2B, C_out, H, W)
-        eps, rest = out[:, :guided], out[:, guided:]
-        cond, uncond = eps.chunk(2)
-        eps = uncond + guidance * (cond - uncond)
-        return torch.cat([torch.cat([eps, eps]), rest], dim=1)[:, :channels]
+    def guided(x, t):
+        x2 = torch.cat([x, x])
+        cond, uncond = model(x2, _timesteps(t, x2), y)[:, :channels].chunk(2)  # learned-sigma channels dropped
+        return torch.cat([uncond[:, :g] + guidance * (cond[:, :g] - uncond[:, :g]), cond[:, g:]], dim=1)
 
-    x = scheduler.sample(model_fn, torch.cat([noise, noise]))
-    return x.chunk(2)[0]
+    return scheduler.sample(guided, noise)
+
+
+def _timesteps(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device)
 
 
 class DiTRecipe:
