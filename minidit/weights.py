@@ -47,7 +47,7 @@ def download(repo_id: str, *, revision: str | None = None, allow_patterns: tuple
             patterns = prefer_safetensors([info.filename for info in listed])
         except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
             raise
-        except OSError:  # no listing offline (DryRunError): take what the cache holds
+        except (OSError, TypeError):  # offline (DryRunError), or a huggingface_hub without dry_run
             patterns = list(allow_patterns)
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_dir=local_dir))
     except GatedRepoError:

@@ -1,0 +1,30 @@
+# minidit: `make analyze` runs the redundancy analysis, `make test` the test suite.
+PYTHON ?= python
+MODEL ?= dit-tiny
+ARGS ?=
+# Set TORCH_VERSION to pin torch at install time (CI uses the CPU build 2.13.0); unset keeps your own torch.
+TORCH_VERSION ?=
+
+.PHONY: install install-reference test analyze bench fixtures train-tiny
+
+install:
+	$(if $(TORCH_VERSION),$(PYTHON) -m pip install "torch==$(TORCH_VERSION)")
+	$(PYTHON) -m pip install -e ".[test]"
+
+install-reference:  # the reference oracles (diffusers, transformers) for live parity tests and fixtures
+	$(PYTHON) -m pip install -e ".[test,reference]"
+
+test:
+	$(PYTHON) -m pytest -q
+
+analyze:
+	$(PYTHON) analyze.py --model $(MODEL) --resume --save-images $(ARGS)
+
+bench:
+	$(PYTHON) tests/bench.py $(ARGS)
+
+fixtures:  # regenerate tests/fixtures from the reference implementations (needs install-reference)
+	$(PYTHON) tests/reference/generate.py
+
+train-tiny:  # retrain the embedded weights/dit-tiny (about 25 minutes on 2 CPU cores)
+	$(PYTHON) -m minidit.train_tiny

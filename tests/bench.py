@@ -1,0 +1,116 @@
+"""`make bench`: what the analysis costs, and minidit's DiT forward against diffusers' on the same weights.
+
+Ratios are measured in one process, interleaving the contenders and keeping each one's best of several
+repeats, so that machine load affects both alike. Printed, never asserted.
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import minidit  # noqa: E402
+from minidit.models.dit import DiT, DiTConfig, load_dit, save_hub_config  # noqa: E402
+
+
+def best_of(repeats: int, *fns):
+    """Best wall time of each fn, alternating them repeat by repeat."""
+    times = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i] = min(times[i], time.perf_counter() - start)
+    return times
+
+
+def analysis_overhead(prompts: int, steps: int, repeats: int) -> None:
+    recipe = minidit.load_backbone("dit-tiny")
+    labels = recipe.default_prompts()[:prompts]
+
+    def plain():
+        for p in labels:
+            minidit.sample(recipe, p, steps=steps)
+
+    def recorded():
+        for p in labels:
+            minidit.sample(recipe, p, steps=steps, record=True)
+
+    plain(), recorded()  # warm-up
+    t_plain, t_rec = best_of(repeats, plain, recorded)
+    print(f"analysis overhead (dit-tiny, {prompts} prompts x {steps} steps, guidance {recipe.default_guidance}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"  plain sampling     {t_plain:8.3f} s")
+    print(f"  with the recorder  {t_rec:8.3f} s")
+    print(f"  ratio              {t_rec / t_plain:8.3f} x")
+
+
+def peak_memory(steps: int) -> None:
+    """Peak resident memory of a whole process that samples plainly vs. with the recorder."""
+    code = ("import sys, resource, minidit; r = minidit.load_backbone('dit-tiny');"
+            "[minidit.sample(r, p, steps={steps}, record={record}) for p in r.default_prompts()[:2]];"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peaks = {}
+    for record in (False, True):
+        out = subprocess.run([sys.executable, "-c", code.format(steps=steps, record=record)], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        peaks[record] = int(out.stdout.split()[-1]) / 1024  # KiB -> MiB
+    print("peak memory (whole process, max RSS)")
+    print(f"  plain sampling     {peaks[False]:8.1f} MiB")
+    print(f"  with the recorder  {peaks[True]:8.1f} MiB   (ratio {peaks[True] / peaks[False]:.3f} x)")
+
+
+def forward_vs_diffusers(repeats: int) -> None:
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError:
+        print("forward vs diffusers: skipped (install the reference extra: make install-reference)")
+        return
+    cases = {"dit-tiny (batch 2, CFG)": (ROOT / "weights" / "dit-tiny" / "transformer", 2)}
+    tmp = Path(tempfile.mkdtemp())
+    xl4 = DiTConfig(num_layers=4, sample_size=32)  # DiT-XL/2 blocks at 256x256, 4 of its 28 layers
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = DiT(xl4)
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    save_hub_config(xl4, tmp / "xl4")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              tmp / "xl4" / "diffusion_pytorch_model.safetensors")
+    cases["DiT-XL/2 width, 4 layers, 256x256 (batch 2)"] = (tmp / "xl4", 2)
+    print("forward time, minidit vs diffusers on identical weights (fp32, CPU)")
+    for name, (folder, batch) in cases.items():
+        ours = load_dit(folder)
+        ref = DiTTransformer2DModel.from_pretrained(folder).eval()
+        c = ours.config
+        x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size)
+        t, y = torch.full((batch,), 500), torch.zeros(batch, dtype=torch.long)
+        with torch.no_grad():
+            err = (ours(x, t, y) - ref(x, timestep=t, class_labels=y).sample).abs().max().item()
+            mine, theirs = best_of(repeats, lambda: ours(x, t, y), lambda: ref(x, timestep=t, class_labels=y))
+        print(f"  {name}: minidit {mine * 1e3:7.2f} ms, diffusers {theirs * 1e3:7.2f} ms, "
+              f"ratio {mine / theirs:.3f} x (max |diff| {err:.1e})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    analysis_overhead(args.prompts, args.steps, args.repeats)
+    peak_memory(args.steps)
+    forward_vs_diffusers(args.repeats * 4)
+
+
+if __name__ == "__main__":
+    main()
