@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import minidit  # noqa: E402
-from minidit.models.dit import DiT, DiTConfig, load_dit, save_hub_config  # noqa: E402
+from conftest import write_dit_folder  # noqa: E402
+from minidit.models.dit import DiTConfig, load_dit  # noqa: E402
 
 
 def best_of(repeats: int, *fns):
@@ -74,19 +75,9 @@ def forward_vs_diffusers(repeats: int) -> None:
         print("forward vs diffusers: skipped (install the reference extra: make install-reference)")
         return
     cases = {"dit-tiny (batch 2, CFG)": (ROOT / "weights" / "dit-tiny" / "transformer", 2)}
-    tmp = Path(tempfile.mkdtemp())
     xl4 = DiTConfig(num_layers=4, sample_size=32)  # DiT-XL/2 blocks at 256x256, 4 of its 28 layers
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model = DiT(xl4)
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    save_hub_config(xl4, tmp / "xl4")
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              tmp / "xl4" / "diffusion_pytorch_model.safetensors")
-    cases["DiT-XL/2 width, 4 layers, 256x256 (batch 2)"] = (tmp / "xl4", 2)
+    folder = write_dit_folder(Path(tempfile.mkdtemp()) / "xl4", xl4, std=0.02) / "transformer"
+    cases["DiT-XL/2 width, 4 layers, 256x256 (batch 2)"] = (folder, 2)
     print("forward time, minidit vs diffusers on identical weights (fp32, CPU)")
     for name, (folder, batch) in cases.items():
         ours = load_dit(folder)

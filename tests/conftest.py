@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny random DiT written in the Hub layout of facebook/DiT-XL-2-256."""
+"""Shared test helpers: the reference generator as a module, the live-oracle marker, a tiny random DiT folder."""
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,29 @@ from safetensors.torch import save_file
 from minidit.models.dit import DiT, DiTConfig, save_hub_config
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures" / "dit"
+
+
+def reference_generator():
+    """tests/reference/generate.py as a module: the port of the original DiT and the live diffusers oracles."""
+    name = "minidit_tests_reference_generate"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "reference" / "generate.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+LIVE = pytest.mark.skipif(not installed("diffusers"), reason="diffusers is not installed: the live reference cases "
+                          "are skipped (the stored-fixture cases still run)")
+SOURCES = [pytest.param("fixture"), pytest.param("live", marks=LIVE)]
 TINY = DiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3,
                  patch_size=2, sample_size=8, num_embeds_ada_norm=4)
 DDIM_CONFIG = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.12.0.dev0", "beta_end": 0.02,
@@ -17,13 +42,13 @@ DDIM_CONFIG = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.12.0.dev
                "prediction_type": "epsilon", "set_alpha_to_one": True, "steps_offset": 0, "trained_betas": None}
 
 
-def write_dit_folder(folder: Path, cfg: DiTConfig = TINY, seed: int = 0) -> Path:
-    """A pixel-space DiT with random weights (adaLN included, so every layer moves) in the Hub layout."""
+def write_dit_folder(folder: Path, cfg: DiTConfig = TINY, seed: int = 0, std: float = 0.1) -> Path:
+    """A DiT with random weights (adaLN included, so every layer moves) in the Hub layout of DiT-XL-2-256."""
     torch.manual_seed(seed)
     with torch.no_grad():
         model = DiT(cfg)
         for p in model.parameters():
-            p.normal_(0, 0.1)
+            p.normal_(0, std)
     save_hub_config(cfg, folder / "transformer")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               folder / "transformer" / "diffusion_pytorch_model.safetensors")

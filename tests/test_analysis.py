@@ -12,13 +12,12 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import minidit
 from minidit.analysis import Recorder, derive, read_run
 from minidit.attention import recording
 from minidit.errors import MiniditError
-
-from conftest import ROOT
 
 PROMPTS = ["circle", "square", "triangle"]
 

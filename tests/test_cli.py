@@ -5,7 +5,6 @@ import importlib.util
 import shutil
 
 import pytest
-
 from conftest import ROOT, write_dit_folder
 
 spec = importlib.util.spec_from_file_location("analyze", ROOT / "analyze.py")

@@ -6,43 +6,19 @@ switch flipped (scaled_linear betas, v-prediction, set_alpha_to_one false, steps
 the installed diffusers (skipped without it).
 """
 
-import importlib.util
 import json
-import sys
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, SOURCES, reference_generator
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from minidit.errors import MiniditError
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 
-FIXTURES = Path(__file__).parent / "fixtures" / "dit"
-
-
-def _generator():
-    name = "minidit_tests_reference_generate"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "reference" / "generate.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-G = _generator()
-LIVE = pytest.mark.skipif(not _installed("diffusers"), reason="diffusers is not installed: the live reference cases "
-                          "are skipped (the stored-fixture cases still run)")
-SOURCES = [pytest.param("fixture"), pytest.param("live", marks=LIVE)]
+G = reference_generator()
 
 
 @cache

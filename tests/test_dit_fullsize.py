@@ -7,44 +7,25 @@ built on meta (live, or the committed tests/fixtures/dit/xl2_keys.json it produc
 facebookresearch/DiT models.py in tests/reference/generate.py.
 """
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, LIVE, reference_generator
 
 from minidit import weights
 from minidit.models import dit
-from minidit.models.dit import DiT, PRESETS, load_dit, original_keys, original_to_hub
+from minidit.models.dit import PRESETS, DiT, load_dit, original_keys, original_to_hub
 
-FIXTURES = Path(__file__).parent / "fixtures" / "dit"
 HUB_PARAMS, HUB_TENSORS = 749_826_464, 538
 ORIGINAL_PARAMS, ORIGINAL_TENSORS = 675_129_632, 292
 
 
-def _generator():
-    name = "minidit_tests_reference_generate"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "reference" / "generate.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-G = _generator()
-LIVE = pytest.mark.skipif(not _installed("diffusers"), reason="diffusers is not installed: the live reference cases "
-                          "are skipped (the committed key list still runs)")
+G = reference_generator()
 
 
 @cache

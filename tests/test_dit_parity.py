@@ -7,15 +7,13 @@ and the original `.pt`). Each comparison runs against:
 The error is max |minidit - reference| / max(1, max |reference|), in fp32.
 """
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, SOURCES, reference_generator
 from safetensors.torch import load_file
 
 from minidit.attention import explicit_attention
@@ -24,33 +22,14 @@ from minidit.models.dit import DiT, DiTConfig, load_dit
 from minidit.pipelines.dit import initial_noise, sample
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 
-FIXTURES = Path(__file__).parent / "fixtures" / "dit"
 ORIGINAL_PT = FIXTURES / "original" / "DiT-tiny-2-64x64.pt"
 TOL = 1e-5
 TINY_PRESET = "DiT-tiny/2"
 
 
-def _generator():
-    """tests/reference/generate.py as a module: the port of the original DiT and the live diffusers oracles."""
-    name = "minidit_tests_reference_generate"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "reference" / "generate.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-G = _generator()
-LIVE = pytest.mark.skipif(not _installed("diffusers"), reason="diffusers is not installed: the live reference cases "
-                          "are skipped (the stored-fixture cases still run)")
-SOURCES = [pytest.param("fixture"), pytest.param("live", marks=LIVE)]
+G = reference_generator()
 LAYOUTS = ["sharded", "single", "bin"]
 
 

@@ -14,8 +14,7 @@ from safetensors.torch import save_file
 
 from minidit import weights
 from minidit.errors import MiniditError
-from minidit.weights import (check_keys, find_weights, key_report, load_file, load_folder, load_into,
-                             safetensors_header)
+from minidit.weights import check_keys, find_weights, key_report, load_file, load_folder, load_into, safetensors_header
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "dit"
