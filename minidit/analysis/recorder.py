@@ -10,6 +10,11 @@ into a preallocated buffer [layer, stream, branch, tensor, transition, 6]. Nothi
 with the host inside a step; `finish()` copies the buffer once, checks it, and returns float64 sums
 with the element count `n` prepended: [layer, stream, branch, tensor, transition, 7].
 
+Captures are reduced in batches: they wait until the step ends or `FLUSH_BYTES` of them are pending,
+then every group of equal size is stacked and reduced with one set of kernels. A small model would
+otherwise spend as long launching the recorder's kernels as its own; a large model, whose every capture
+exceeds the budget, is reduced capture by capture, so the recorder holds about one step of K, V and A.
+
 Usage, around a sampling loop whose backbone is `model`:
 
     rec = Recorder(model.attention_layers(), branches=("cond", "uncond"), num_steps=50, device="cuda")
@@ -30,6 +35,7 @@ from minidit.errors import MiniditError
 TENSORS = ("K", "V", "A")
 SUMS = ("n", "s_abs", "s_prev", "s_sq", "s_dot", "s_cur2", "s_prev2")
 STREAM_ORDER = ("img", "txt")
+FLUSH_BYTES = 64 * 2**20  # pending captures beyond this are reduced at once
 
 
 class Recorder:
@@ -49,7 +55,11 @@ class Recorder:
         self.sums = torch.zeros(*shape, len(SUMS) - 1, dtype=torch.float32, device=self.device)
         self.energy = torch.zeros(*shape[:-1], self.num_steps, dtype=torch.float32, device=self.device)  # sum X^2
         self.n = np.zeros((len(self.layers), len(self.streams), len(TENSORS)), dtype=np.float64)
-        self.prev: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.indices: dict[tuple[tuple[int, int, int], ...], tuple[torch.Tensor, ...]] = {}
+        self.pending: list[tuple[tuple[int, int, int], torch.Tensor]] = []  # captured this step, not yet reduced
+        self.pending_bytes = 0
+        # per group of keys reduced together: the previous step's stacked tensors, their L1 and squared norms
+        self.prev: dict[tuple[tuple[int, int, int], ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.step = -1
 
     @contextlib.contextmanager
@@ -63,6 +73,7 @@ class Recorder:
             handle.remove()
 
     def _next_step(self, *_) -> None:
+        self._flush()
         self.step += 1
         if self.step >= self.num_steps:
             raise MiniditError(f"the backbone was called more than the {self.num_steps} steps the recorder expects")
@@ -73,23 +84,45 @@ class Recorder:
         li, ti = self.layer_index[layer], TENSORS.index(tensor)
         parts = [(streams, x)] if isinstance(streams, str) else _split(x, token_dim, streams)
         for stream, part in parts:
-            self._accumulate((li, self.streams.index(stream), ti), part.detach())
+            self.pending.append(((li, self.streams.index(stream), ti), _per_branch(part.detach(), len(self.branches))))
+            self.pending_bytes += part.numel() * part.element_size()
+        if self.pending_bytes >= FLUSH_BYTES:
+            self._flush()
 
-    def _accumulate(self, key: tuple[int, int, int], cur: torch.Tensor) -> None:
-        x = _per_branch(cur, len(self.branches)).float()  # (Br, n)
-        x_l1, x_sq = x.abs().sum(1), torch.linalg.vecdot(x, x)
-        li, si, ti = key
+    def _flush(self) -> None:
+        """Reduce the pending captures, one stacked batch per (size, dtype), in capture order."""
+        groups: dict[tuple, list] = {}
+        for key, x in self.pending:
+            groups.setdefault((x.shape, x.dtype), []).append((key, x))
+        for group in groups.values():
+            keys = tuple(key for key, _ in group)
+            xs = [x for _, x in group]
+            self._reduce(keys, xs[0][None] if len(xs) == 1 else torch.stack(xs))
+        self.pending, self.pending_bytes = [], 0
+
+    def _reduce(self, keys: tuple[tuple[int, int, int], ...], cur: torch.Tensor) -> None:
+        """cur: (G, Br, n), captures `keys` of this step in their own dtype."""
+        li, si, ti = self._index(keys)
+        x = cur.float()
+        x_l1, x_sq = x.abs().sum(-1), torch.linalg.vecdot(x, x)  # (G, Br)
         self.energy[li, si, :, ti, self.step] = x_sq  # non-finite iff x has a non-finite element
         if self.step == 0:
-            self.n[key] = x.shape[1]
+            for key in keys:
+                self.n[key] = x.shape[-1]
         else:
-            held, p_l1, p_sq = self.prev[key]
-            p = _per_branch(held.to(self.device, non_blocking=True), len(self.branches)).float()
+            held, p_l1, p_sq = self.prev[keys]
+            p = held.to(self.device, non_blocking=True).float()
             d = x - p
             self.sums[li, si, :, ti, self.step - 1] = torch.stack(
-                [d.abs().sum(1), p_l1, torch.linalg.vecdot(d, d), torch.linalg.vecdot(x, p), x_sq, p_sq], dim=-1)
+                [d.abs().sum(-1), p_l1, torch.linalg.vecdot(d, d), torch.linalg.vecdot(x, p), x_sq, p_sq], dim=-1)
         held = cur.to("cpu", non_blocking=True) if self.prev_on_host else cur
-        self.prev[key] = (held, x_l1, x_sq)
+        self.prev[keys] = (held, x_l1, x_sq)
+
+    def _index(self, keys: tuple[tuple[int, int, int], ...]) -> tuple[torch.Tensor, ...]:
+        """Device index tensors (layer, stream, tensor) for a group, made once per prompt."""
+        if keys not in self.indices:
+            self.indices[keys] = tuple(torch.tensor(axis, device=self.device) for axis in zip(*keys))
+        return self.indices[keys]
 
     def _first_non_finite(self, energy: np.ndarray) -> str:
         bad = ~np.isfinite(energy)  # [layer, stream, branch, tensor, step]
@@ -113,6 +146,7 @@ class Recorder:
 
     def finish(self) -> np.ndarray:
         """Float64 sums [layer, stream, branch, tensor, transition, 7] (n first) of the prompt just sampled."""
+        self._flush()
         if self.step != self.num_steps - 1:
             raise MiniditError(f"the backbone ran {self.step + 1} steps, the recorder expected {self.num_steps}")
         sums, energy = self.sums.double().cpu().numpy(), self.energy.cpu().numpy()  # the one host sync
