@@ -24,6 +24,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default="dit-tiny", help=f"one of: {names} (default: dit-tiny)")
     p.add_argument("--weights", metavar="DIR", help="a local folder in the model's Hub layout instead of a download")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) to download")
+    p.add_argument("--download-dir", metavar="DIR", help="download into DIR/<repo name> (e.g. weights/) instead of "
+                                                         "the Hugging Face cache")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's pipeline default)")
     p.add_argument("--scheduler", help="sampler name (default: the model's own)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
@@ -94,7 +96,7 @@ def analyze(args: argparse.Namespace) -> Path:
         read_prompts(args.prompts, args.num_prompts, [])  # fail on a bad prompt file before loading weights
     device = args.device or default_device()
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
-    folder = resolve_weights(spec, args.weights, args.revision)
+    folder = resolve_weights(spec, args.weights, args.revision, args.download_dir)
     options = {"convention": args.convention} if spec.family == "dit" else {}
     recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
     prompts, source = read_prompts(args.prompts, args.num_prompts, recipe.default_prompts())

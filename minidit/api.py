@@ -17,8 +17,10 @@ from minidit.errors import MiniditError
 from minidit.pipelines import MODELS, ModelSpec, model_spec, recipe_class
 
 
-def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revision: str | None = None) -> Path:
-    """The folder holding `spec`'s files: --weights, the embedded copy, or a (cached) Hub download."""
+def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revision: str | None = None,
+                    download_dir: str | Path | None = None) -> Path:
+    """The folder holding `spec`'s files: --weights, the embedded copy, or a Hub download (into the user's Hub
+    cache, or into `download_dir/<repo name>`)."""
     if weights_dir is not None:
         folder = Path(weights_dir)
         if not folder.is_dir():
@@ -29,7 +31,8 @@ def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revi
         if not (spec.embedded / "model_index.json").is_file():
             raise MiniditError(f"the embedded model {spec.embedded} is missing; restore it with `git checkout weights`")
         return spec.embedded
-    return weights.download(spec.repo, revision=revision, allow_patterns=spec.files)
+    local_dir = Path(download_dir) / spec.repo.split("/")[-1] if download_dir is not None else None
+    return weights.download(spec.repo, revision=revision, allow_patterns=spec.files, local_dir=local_dir)
 
 
 def load_backbone(name: str = "dit-tiny", *, weights_dir: str | Path | None = None, revision: str | None = None,
