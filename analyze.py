@@ -105,11 +105,6 @@ def analyze(args: argparse.Namespace) -> Path:
     steps = args.steps or recipe.default_steps
     guidance = recipe.default_guidance if args.guidance is None else args.guidance
     scheduler = recipe.make_scheduler(scheduler_name, steps)
-    save_images, save_latents = args.save_images, args.save_latents
-    if save_images and not recipe.can_decode:
-        print(f"note: minidit has no image decoder for {spec.name} yet (the SD VAE arrives with PixArt); "
-              f"saving latents instead", file=sys.stderr)
-        save_images, save_latents = False, True
 
     out = Path(args.out or f"runs/{spec.name}-{scheduler_name}-{steps}steps")
     run = RunDir(out)
@@ -120,7 +115,7 @@ def analyze(args: argparse.Namespace) -> Path:
     print(f"{spec.name}: {len(prompts)} prompts x {steps} steps ({scheduler_name}, guidance {guidance}) "
           f"on {device} in {dtype} -> {out}", file=sys.stderr)
     run_prompts(recipe, prompts, run, scheduler=scheduler, guidance=guidance, seed=args.seed,
-                save_images=save_images, save_latents=save_latents, prev_on_host=args.prev_on_host)
+                save_images=args.save_images, save_latents=args.save_latents, prev_on_host=args.prev_on_host)
     return finish(out)
 
 

@@ -157,3 +157,28 @@ def test_prev_on_host_gives_the_same_sums(tiny_dit):
     _, on_host = minidit.sample(recipe, "square", steps=4, record=True, prev_on_host=True)
     np.testing.assert_array_equal(on_device, on_host)
     assert on_device.shape == (2, 1, 2, 3, 3, 7)  # layer, stream, branch, tensor, transition, sums
+
+
+def test_dit_xl_hub_layout_end_to_end(tmp_path):
+    """`--model dit-xl-256 --weights DIR` on a tiny copy of the Hub layout (transformer, scheduler, vae)."""
+    import shutil
+
+    from PIL import Image
+    from safetensors.numpy import load_file
+
+    from conftest import FIXTURES
+
+    folder = shutil.copytree(FIXTURES / "single", tmp_path / "DiT-XL-2-256")
+    shutil.copytree(FIXTURES.parent / "vae" / "sd" / "vae", folder / "vae")
+    out = tmp_path / "run"
+    result = run_cli("--model", "dit-xl-256", "--weights", str(folder), "--steps", "3", "--num-prompts", "2",
+                     "--save-images", "--save-latents", "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    run = read_run(out)
+    assert [layer["name"] for layer in run.layers] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert run.manifest["repo"] == "facebook/DiT-XL-2-256" and run.branches == ("cond", "uncond", "all")
+    assert (out / "prompts.txt").read_text().splitlines() == ["207", "360"]  # DiT's sample.py classes
+    latents = load_file(out / "latents" / "000001.safetensors")["latents"]
+    assert latents.shape == (1, 4, 8, 8)
+    assert Image.open(out / "images" / "000001.png").size == (16, 16)  # the tiny VAE upsamples twice
+    assert (out / "figures" / "samples.png").is_file()

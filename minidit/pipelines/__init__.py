@@ -22,7 +22,7 @@ class ModelSpec:
 
 
 _DIT_FILES = ("model_index.json", "transformer/config.json", "transformer/*.safetensors*", "transformer/*.bin",
-              "scheduler/scheduler_config.json")
+              "scheduler/scheduler_config.json", "vae/config.json", "vae/*.safetensors", "vae/*.bin")
 
 MODELS = {spec.name: spec for spec in [
     ModelSpec("dit-tiny", "dit", None, (), "minidit's embedded 8-class DiT trained on drawn shapes (CPU, seconds)"),

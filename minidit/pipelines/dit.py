@@ -16,6 +16,7 @@ from minidit import weights
 from minidit.errors import MiniditError
 from minidit.models.dit import DiT, load_dit
 from minidit.schedulers.ddim import DDIM, DDIMConfig
+from minidit.vae.autoencoder_kl import load_vae, to_uint8
 
 GUIDED_CHANNELS_ORIGINAL = 3  # NOTE(official): the original DiT guides 3 of the 4 latent channels
 
@@ -74,7 +75,8 @@ class DiTRecipe:
         self.scheduler_config = DDIMConfig.from_hub(weights.read_json(folder / "scheduler" / "scheduler_config.json"))
         index = weights.read_json(folder / "model_index.json")
         self.id2label = {int(k): v for k, v in index.get("id2label", {}).items()}
-        self.pixel_space = "vae" not in index  # dit-tiny draws RGB directly; DiT-XL/2 needs the SD VAE
+        self.pixel_space = "vae" not in index  # dit-tiny draws RGB directly; DiT-XL/2 decodes with the SD VAE
+        self.vae = None if self.pixel_space else load_vae(folder / "vae", dtype=dtype, device=device)
 
     @property
     def num_classes(self) -> int:
@@ -116,12 +118,7 @@ class DiTRecipe:
         labels = torch.tensor([self.parse_prompt(prompt)], device=self.device)
         return sample(self.model, scheduler, labels, noise, guidance=guidance, convention=self.convention)
 
-    @property
-    def can_decode(self) -> bool:
-        return self.pixel_space  # DiT-XL/2's SD VAE decoder is not in minidit yet
-
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """uint8 (B, H, W, 3) images."""
-        assert self.pixel_space, "DiT-XL/2 latents need the SD VAE decoder"
-        images = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+        """uint8 (B, H, W, 3) images: the latents through the SD VAE, or already pixels for dit-tiny."""
+        return to_uint8(latents if self.vae is None else self.vae.decode(latents))
