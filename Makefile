@@ -25,6 +25,8 @@ bench:
 
 fixtures:  # regenerate tests/fixtures from the reference implementations (needs install-reference)
 	$(PYTHON) tests/reference/generate.py
+	$(PYTHON) tests/reference/generate_vae.py
+	$(PYTHON) tests/reference/generate_t5.py
 
 train-tiny:  # retrain the embedded weights/dit-tiny (about 25 minutes on 2 CPU cores)
 	$(PYTHON) -m minidit.train_tiny
