@@ -15,14 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "dit"
 
 
-def reference_generator():
-    """tests/reference/generate.py as a module: the port of the original DiT and the live diffusers oracles."""
-    name = "minidit_tests_reference_generate"
+def reference_generator(stem: str = "generate"):
+    """tests/reference/<stem>.py as a module (the reference libraries are imported only inside its functions)."""
+    name = f"minidit_tests_reference_{stem}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "reference" / "generate.py")
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "reference" / f"{stem}.py")
         sys.modules[name] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max |actual - expected| relative to max(1, max |expected|)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all()
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1)).item()
 
 
 def installed(name: str) -> bool:

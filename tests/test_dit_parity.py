@@ -13,7 +13,7 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import FIXTURES, SOURCES, reference_generator
+from conftest import FIXTURES, SOURCES, reference_generator, scaled_error
 from safetensors.torch import load_file
 
 from minidit.attention import explicit_attention
@@ -43,11 +43,6 @@ def inputs():
     ref = stored()
     return ref["dit/x"], ref["dit/t"], ref["dit/y"]
 
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all()
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1)).item()
 
 
 def assert_parity(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:

@@ -8,7 +8,6 @@ Every fixture goes through minidit's real loading code (`load_t5` on the sharded
 The encoder error is max |minidit - reference| / max(1, max |reference|).
 """
 
-import importlib.util
 import json
 import random
 import shutil
@@ -18,7 +17,7 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import ROOT, installed
+from conftest import reference_generator, scaled_error, ROOT, installed
 from safetensors.torch import load_file, save_file
 
 from minidit import weights
@@ -45,17 +44,7 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
 TAG = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-def generator():
-    """tests/reference/generate_t5.py as a module (transformers is imported only inside its functions)."""
-    name = "minidit_tests_reference_generate_t5"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "reference" / "generate_t5.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-G = generator()
+G = reference_generator("generate_t5")
 
 
 @cache
@@ -81,12 +70,6 @@ def tokenizer() -> T5Tokenizer:
 @cache
 def live_tokenizer():
     return G.reference_tokenizer(TOKENIZER)
-
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all()
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1)).item()
 
 
 def reference_hidden_states(source: str, dtype: torch.dtype, masked: bool) -> torch.Tensor:

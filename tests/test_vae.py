@@ -10,7 +10,6 @@ Full-size expectations: checkpoints.md §2.4, §3.4, §10 (83,653,863 and 83,819
 autoencoders) and diffusers' AutoencoderKL on meta (live, or the committed fixtures/vae/fullsize.json).
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, installed
+from conftest import reference_generator, scaled_error, ROOT, installed
 from safetensors.torch import load_file
 
 from minidit import weights
@@ -49,17 +48,7 @@ LIVE = pytest.mark.skipif(not installed("diffusers"), reason="diffusers is not i
 SOURCES = [pytest.param("fixture"), pytest.param("live", marks=LIVE)]
 
 
-def generator():
-    """tests/reference/generate_vae.py as a module (diffusers is imported only inside its functions)."""
-    name = "minidit_tests_reference_generate_vae"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "reference" / "generate_vae.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-G = generator()
+G = reference_generator("generate_vae")
 
 
 @cache
@@ -79,12 +68,6 @@ def minidit_vae(name: str) -> AutoencoderKLDecoder:
 
 def folder(name: str) -> Path:
     return FIXTURES / name / "vae"
-
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all()
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1)).item()
 
 
 def assert_parity(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
