@@ -21,7 +21,7 @@ analyze:
 	$(PYTHON) analyze.py --model $(MODEL) --resume --save-images $(ARGS)
 
 bench:
-	$(PYTHON) tests/bench.py $(ARGS)
+	$(PYTHON) -u tests/bench.py $(ARGS)
 
 fixtures:  # regenerate tests/fixtures from the reference implementations (needs install-reference)
 	$(PYTHON) tests/reference/generate.py
