@@ -1,6 +1,6 @@
 """Measure how much attention K, V and A change between consecutive diffusion steps, per layer, over prompts.
 
-    python analyze.py                                   # the embedded dit-tiny on the CPU, ~1 minute
+    python analyze.py                                   # the embedded dit-tiny on the CPU, under a minute
     python analyze.py --model dit-xl-256 --device cuda --dtype fp16
     python analyze.py --model dit-tiny --steps 20 --out runs/tiny-20
     python analyze.py --compare runs/tiny-20 runs/dit-tiny-ddim-50steps --out runs/compare-steps
