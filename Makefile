@@ -27,6 +27,8 @@ fixtures:  # regenerate tests/fixtures from the reference implementations (needs
 	$(PYTHON) tests/reference/generate.py
 	$(PYTHON) tests/reference/generate_vae.py
 	$(PYTHON) tests/reference/generate_t5.py
+	$(PYTHON) tests/reference/generate_dpm_solver.py
+	$(PYTHON) tests/reference/generate_pixart.py  # after t5 and dpm_solver: it reuses their files
 
 train-tiny:  # retrain the embedded weights/dit-tiny (about 25 minutes on 2 CPU cores)
 	$(PYTHON) -m minidit.train_tiny

@@ -35,8 +35,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="initial noise seed, the same for every prompt (default 0)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on a GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    p.add_argument("--convention", default="diffusers", choices=["diffusers", "original"],
+    p.add_argument("--convention", choices=["diffusers", "original"],
                    help="DiT only: diffusers' DiTPipeline numerics (default) or the original repository's")
+    p.add_argument("--height", type=int, help="text-to-image models: image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="text-to-image models: image width in pixels (default: the model's)")
+    p.add_argument("--max-sequence-length", type=int, metavar="N",
+                   help="text-to-image models: T5 tokens per prompt (default: the pipeline's, 120 for PixArt)")
+    p.add_argument("--cross-attention", action="store_true",
+                   help="PixArt: also record the cross-attention layers (as extra layers of kind 'cross')")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/MODEL-SCHEDULER-Nsteps)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished prompts")
     p.add_argument("--save-images", action="store_true", help="write each prompt's image and a sample grid")
@@ -97,7 +103,7 @@ def analyze(args: argparse.Namespace) -> Path:
     device = args.device or default_device()
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     folder = resolve_weights(spec, args.weights, args.revision, args.download_dir)
-    options = {"convention": args.convention} if spec.family == "dit" else {}
+    options = model_options(spec.family, args)
     recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
     prompts, source = read_prompts(args.prompts, args.num_prompts, recipe.default_prompts())
     for prompt in prompts:
@@ -117,6 +123,23 @@ def analyze(args: argparse.Namespace) -> Path:
     run_prompts(recipe, prompts, run, scheduler=scheduler, guidance=guidance, seed=args.seed,
                 save_images=args.save_images, save_latents=args.save_latents, prev_on_host=args.prev_on_host)
     return finish(out)
+
+
+# the model-specific flags, by recipe family: flag -> keyword argument of the recipe
+FAMILY_OPTIONS = {
+    "dit": {"convention": "convention"},
+    "pixart": {"height": "height", "width": "width", "max_sequence_length": "max_sequence_length",
+               "cross_attention": "record_cross"},
+}
+
+
+def model_options(family: str, args: argparse.Namespace) -> dict:
+    """The recipe's keyword arguments from the flags; a flag the model does not take is an error."""
+    allowed = FAMILY_OPTIONS.get(family, {})
+    for flag in sorted({o for opts in FAMILY_OPTIONS.values() for o in opts} - set(allowed)):
+        if getattr(args, flag) not in (None, False):
+            raise MiniditError(f"--{flag.replace('_', '-')} does not apply to {args.model}")
+    return {name: getattr(args, flag) for flag, name in allowed.items() if getattr(args, flag) is not None}
 
 
 def finish(out: Path) -> Path:

@@ -17,8 +17,8 @@ Public API (see minidit/api.py):
 
 __version__ = "0.1.0"
 
-from minidit.errors import MiniditError  # noqa: E402
-from minidit.api import load_backbone, sample  # noqa: E402
 from minidit import analysis  # noqa: E402
+from minidit.api import load_backbone, sample  # noqa: E402
+from minidit.errors import MiniditError  # noqa: E402
 
 __all__ = ["MiniditError", "analysis", "load_backbone", "sample", "__version__"]

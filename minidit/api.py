@@ -52,7 +52,7 @@ def sample(recipe, prompt: str, *, steps: int | None = None, scheduler: str | No
     sched = recipe.make_scheduler(scheduler or recipe.default_scheduler, steps)
     if not record:
         return recipe.generate(prompt, seed, sched, guidance), None
-    recorder = Recorder(recipe.model.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
+    recorder = Recorder(recipe.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
                         device=recipe.device, prev_on_host=prev_on_host)
     with recorder.attach(recipe.model):
         latents = recipe.generate(prompt, seed, sched, guidance)

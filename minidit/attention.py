@@ -11,8 +11,9 @@ softmax(Q K^T * scale + bias) V, without touching model code; tests prove the tw
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

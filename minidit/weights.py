@@ -35,12 +35,18 @@ def download(repo_id: str, *, revision: str | None = None, allow_patterns: tuple
     `hf auth login`. Works offline when the files are already cached.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
-    offline_help = (f"download it where there is network (`hf download {repo_id}`) and pass that folder with "
-                    f"--weights DIR, or connect and retry")
+    offline_help = (f"download it where there is network (`hf download {repo_id}`; for a gated repository log in "
+                    f"first with `hf auth login` or set HF_TOKEN) and pass that folder with --weights DIR, or "
+                    f"connect and retry")
     try:
         try:
             listed = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns), dry_run=True)
@@ -68,7 +74,8 @@ def download(repo_id: str, *, revision: str | None = None, allow_patterns: tuple
 def prefer_safetensors(files: list[str]) -> list[str]:
     """Drop `.bin` weights from folders that also offer safetensors."""
     with_safetensors = {str(Path(f).parent) for f in files if f.endswith((".safetensors", ".safetensors.index.json"))}
-    return [f for f in files if not (f.endswith((".bin", ".bin.index.json")) and str(Path(f).parent) in with_safetensors)]
+    pickled = (".bin", ".bin.index.json")
+    return [f for f in files if not (f.endswith(pickled) and str(Path(f).parent) in with_safetensors)]
 
 
 # ---- reading files -----------------------------------------------------------------------------------
@@ -124,8 +131,9 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch raises many types for a bad pickle; all mean the same to the user
         raise MiniditError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}); "
                            f"it may be truncated: delete it and download it again") from None
-    if isinstance(sd, dict) and "ema" in sd and isinstance(sd["ema"], dict):  # training checkpoints
-        sd = sd["ema"]
+    for wrapper in ("ema", "state_dict"):  # training checkpoints (DiT) and released .pth files (PixArt)
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
     return sd
 
 

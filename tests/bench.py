@@ -16,8 +16,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import minidit  # noqa: E402
 from conftest import write_dit_folder  # noqa: E402
+
+import minidit  # noqa: E402
 from minidit.models.dit import DiTConfig, load_dit  # noqa: E402
 
 

@@ -136,7 +136,8 @@ def test_non_finite_statistic_names_layer_tensor_and_step(tiny_dit):
     recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
     with torch.no_grad():
         recipe.model.transformer_blocks[1].attn1.to_v.bias.fill_(math.inf)
-    with pytest.raises(MiniditError, match=r"non-finite V in layer transformer_blocks\.1\.attn1 \(img, cond\) at step 0"):
+    message = r"non-finite V in layer transformer_blocks\.1\.attn1 \(img, cond\) at step 0"
+    with pytest.raises(MiniditError, match=message):
         minidit.sample(recipe, "circle", steps=3, record=True)
 
 
@@ -163,10 +164,9 @@ def test_dit_xl_hub_layout_end_to_end(tmp_path):
     """`--model dit-xl-256 --weights DIR` on a tiny copy of the Hub layout (transformer, scheduler, vae)."""
     import shutil
 
+    from conftest import FIXTURES
     from PIL import Image
     from safetensors.numpy import load_file
-
-    from conftest import FIXTURES
 
     folder = shutil.copytree(FIXTURES / "single", tmp_path / "DiT-XL-2-256")
     shutil.copytree(FIXTURES.parent / "vae" / "sd" / "vae", folder / "vae")

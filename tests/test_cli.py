@@ -74,8 +74,8 @@ def test_prompt_files(capsys, tiny_dit, existing_run, tmp_path):
 def test_missing_weights_folder(capsys, existing_run, tmp_path):
     fails_cleanly(capsys, ["--weights", tmp_path / "nowhere", "--out", existing_run], "does not exist", existing_run)
     (tmp_path / "empty").mkdir()
-    fails_cleanly(capsys, ["--weights", tmp_path / "empty", "--out", existing_run], "transformer/config.json is missing",
-                  existing_run)
+    fails_cleanly(capsys, ["--weights", tmp_path / "empty", "--out", existing_run],
+                  "transformer/config.json is missing", existing_run)
 
 
 def test_truncated_safetensors(capsys, tiny_dit, existing_run, tmp_path):

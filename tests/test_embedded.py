@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import LIVE, ROOT
 
 import minidit
-from conftest import LIVE, ROOT
 from minidit.weights import safetensors_header
 
 TINY = ROOT / "weights" / "dit-tiny"

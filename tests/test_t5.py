@@ -17,7 +17,7 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import reference_generator, scaled_error, ROOT, installed
+from conftest import ROOT, installed, reference_generator, scaled_error
 from safetensors.torch import load_file, save_file
 
 from minidit import weights

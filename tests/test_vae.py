@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import reference_generator, scaled_error, ROOT, installed
+from conftest import ROOT, installed, reference_generator, scaled_error
 from safetensors.torch import load_file
 
 from minidit import weights

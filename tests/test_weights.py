@@ -180,8 +180,8 @@ def test_folder_without_weights(tmp_path):
 
 
 def test_header_only_names_dtypes_shapes(tmp_path, monkeypatch):
-    sd = {"x": torch.zeros(3, 5), "h": torch.zeros(2, dtype=torch.float16), "b": torch.zeros(4, 1, 2, dtype=torch.bfloat16),
-          "i": torch.zeros(7, dtype=torch.int64), "s": torch.zeros(())}
+    sd = {"x": torch.zeros(3, 5), "h": torch.zeros(2, dtype=torch.float16),
+          "b": torch.zeros(4, 1, 2, dtype=torch.bfloat16), "i": torch.zeros(7, dtype=torch.int64), "s": torch.zeros(())}
     path = tmp_path / "m.safetensors"
     save_file(sd, path, metadata={"format": "pt"})
     import safetensors

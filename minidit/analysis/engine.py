@@ -20,7 +20,7 @@ from minidit.analysis.rundir import RunDir, write_atomic
 
 def build_manifest(recipe, spec, *, weights: str, revision: str | None, dtype: str, device: str, scheduler,
                    guidance: float, seed: int, prompt_source: str, n_prompts: int, prev_on_host: bool) -> dict:
-    layers = recipe.model.attention_layers()
+    layers = recipe.attention_layers()
     return {
         "model": spec.name,
         "repo": spec.repo,
@@ -39,8 +39,8 @@ def build_manifest(recipe, spec, *, weights: str, revision: str | None, dtype: s
         "seed": seed,
         "prompt_source": prompt_source,
         "n_prompts": n_prompts,
-        "layers": [{"index": i, "name": l.name, "kind": l.kind, "streams": list(l.streams), "a_point": l.a_point}
-                   for i, l in enumerate(layers)],
+        "layers": [{"index": i, "name": layer.name, "kind": layer.kind, "streams": list(layer.streams),
+                    "a_point": layer.a_point} for i, layer in enumerate(layers)],
         "streams": list(stream_axis(layers)),
         "branches": list(recipe.branches(guidance)),
         "tensors": list(TENSORS),
@@ -55,11 +55,12 @@ def run_prompts(recipe, prompts: list[str], run: RunDir, *, scheduler, guidance:
                 save_images: bool = False, save_latents: bool = False, prev_on_host: bool = False) -> int:
     """Sample and record every prompt whose record is missing; returns how many were done now."""
     steps = len(scheduler.timesteps)
-    recorder = Recorder(recipe.model.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
+    recorder = Recorder(recipe.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
                         device=recipe.device, prev_on_host=prev_on_host)
     todo = [i for i in range(len(prompts)) if i not in run.done()]
     if len(todo) < len(prompts):
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done", file=sys.stderr)
+    recipe.prepare([prompts[i] for i in todo])  # e.g. encode every prompt once, then free the text encoder
     step_bar = tqdm(total=steps, desc="steps", leave=False, disable=None)
     hook = recipe.model.register_forward_pre_hook(lambda *_: step_bar.update())
     try:

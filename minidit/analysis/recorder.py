@@ -6,14 +6,17 @@ captures the same tensor, adds up on the device in float32 (see ../design/analys
     s_abs = sum|X_d - X_{d-1}|    s_prev = sum|X_{d-1}|    s_sq   = sum (X_d - X_{d-1})^2
     s_dot = sum X_d * X_{d-1}     s_cur2 = sum X_d^2       s_prev2 = sum X_{d-1}^2
 
-into a preallocated buffer [layer, stream, branch, tensor, transition, 6]. Nothing is synchronised
-with the host inside a step; `finish()` copies the buffer once, checks it, and returns float64 sums
-with the element count `n` prepended: [layer, stream, branch, tensor, transition, 7].
+On the device only four sums are taken: per step sum|X| and sum X^2 of the captured tensor, per
+transition s_abs and s_sq of the difference. The other three follow exactly: s_prev and s_prev2 are the
+previous step's sum|X| and sum X^2, s_cur2 is this step's sum X^2, and s_dot = (s_cur2 + s_prev2 - s_sq) / 2
+(evaluated in float64). Nothing is synchronised with the host inside a step; `finish()` copies the sums
+once, checks them, and returns float64 sums [layer, stream, branch, tensor, transition, 7], n first.
 
-Captures are reduced in batches: they wait until the step ends or `FLUSH_BYTES` of them are pending,
-then every group of equal size is stacked and reduced with one set of kernels. A small model would
-otherwise spend as long launching the recorder's kernels as its own; a large model, whose every capture
-exceeds the budget, is reduced capture by capture, so the recorder holds about one step of K, V and A.
+Captures are reduced in groups: they wait until the step ends or `FLUSH_BYTES` of them are pending, then
+the captures of equal size and dtype are stacked into a buffer of the recorder's own and reduced with one
+set of kernels. A small model would otherwise spend as long launching the recorder's kernels as its own;
+a large model, whose every capture exceeds the budget, is reduced capture by capture, so the recorder
+holds about one step of K, V and A.
 
 Usage, around a sampling loop whose backbone is `model`:
 
@@ -24,7 +27,8 @@ Usage, around a sampling loop whose backbone is `model`:
 """
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,9 +37,23 @@ from minidit.attention import AttentionLayer, Streams, recording
 from minidit.errors import MiniditError
 
 TENSORS = ("K", "V", "A")
+TENSOR_INDEX = {name: i for i, name in enumerate(TENSORS)}
 SUMS = ("n", "s_abs", "s_prev", "s_sq", "s_dot", "s_cur2", "s_prev2")
 STREAM_ORDER = ("img", "txt")
 FLUSH_BYTES = 64 * 2**20  # pending captures beyond this are reduced at once
+X_L1, X_SQ, D_ABS, D_SQ = range(4)  # the rows of Group.stats
+
+Key = tuple[int, int, int]  # (layer, stream, tensor) indices
+
+
+@dataclass
+class Group:
+    """Captures reduced together, step after step, and their device sums."""
+
+    keys: tuple[Key, ...]
+    stats: torch.Tensor  # (steps, 4, G, Br) float32: sum|X|, sum X^2 per step; s_abs, s_sq at transition rows 1..
+    buffers: list[torch.Tensor] | None  # two stack buffers, used alternately; None: a single capture, not copied
+    held: torch.Tensor | None = None  # the previous step's (G, Br, n) tensor
 
 
 class Recorder:
@@ -47,19 +65,15 @@ class Recorder:
         self.device, self.prev_on_host = torch.device(device), prev_on_host
         self.layer_index = {layer.name: i for i, layer in enumerate(layers)}
         self.streams = stream_axis(layers)
+        self.stream_index = {name: i for i, name in enumerate(self.streams)}
         self.held_bytes = 0  # the most memory the previous-step tensors took, over the run
         self.start_prompt()
 
     def start_prompt(self) -> None:
-        shape = (len(self.layers), len(self.streams), len(self.branches), len(TENSORS), self.num_steps - 1)
-        self.sums = torch.zeros(*shape, len(SUMS) - 1, dtype=torch.float32, device=self.device)
-        self.energy = torch.zeros(*shape[:-1], self.num_steps, dtype=torch.float32, device=self.device)  # sum X^2
         self.n = np.zeros((len(self.layers), len(self.streams), len(TENSORS)), dtype=np.float64)
-        self.indices: dict[tuple[tuple[int, int, int], ...], tuple[torch.Tensor, ...]] = {}
-        self.pending: list[tuple[tuple[int, int, int], torch.Tensor]] = []  # captured this step, not yet reduced
+        self.groups: dict[tuple[Key, ...], Group] = {}
+        self.pending: list[tuple[Key, torch.Tensor]] = []  # captured this step, not yet reduced
         self.pending_bytes = 0
-        # per group of keys reduced together: the previous step's stacked tensors, their L1 and squared norms
-        self.prev: dict[tuple[tuple[int, int, int], ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.step = -1
 
     @contextlib.contextmanager
@@ -81,48 +95,59 @@ class Recorder:
             self.held_bytes = max(self.held_bytes, self._bytes_held())
 
     def capture(self, layer: str, tensor: str, x: torch.Tensor, token_dim: int, streams: Streams) -> None:
-        li, ti = self.layer_index[layer], TENSORS.index(tensor)
+        li, ti = self.layer_index.get(layer), TENSOR_INDEX[tensor]
+        if li is None:  # a layer the run does not record (e.g. PixArt's cross-attention, unless asked for)
+            return
         parts = [(streams, x)] if isinstance(streams, str) else _split(x, token_dim, streams)
         for stream, part in parts:
-            self.pending.append(((li, self.streams.index(stream), ti), _per_branch(part.detach(), len(self.branches))))
+            self.pending.append(((li, self.stream_index[stream], ti), _per_branch(part.detach(), len(self.branches))))
             self.pending_bytes += part.numel() * part.element_size()
         if self.pending_bytes >= FLUSH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
-        """Reduce the pending captures, one stacked batch per (size, dtype), in capture order."""
-        groups: dict[tuple, list] = {}
+        """Reduce the pending captures, one stacked group per (size, dtype), in capture order."""
+        by_size: dict[tuple, list[tuple[Key, torch.Tensor]]] = {}
         for key, x in self.pending:
-            groups.setdefault((x.shape, x.dtype), []).append((key, x))
-        for group in groups.values():
-            keys = tuple(key for key, _ in group)
-            xs = [x for _, x in group]
-            self._reduce(keys, xs[0][None] if len(xs) == 1 else torch.stack(xs))
+            by_size.setdefault((x.shape, x.dtype), []).append((key, x))
+        for captures in by_size.values():
+            keys = tuple(key for key, _ in captures)
+            xs = [x for _, x in captures]
+            group = self.groups.get(keys) or self._new_group(keys, xs)
+            cur = xs[0][None] if group.buffers is None else torch.stack(xs, out=group.buffers[self.step % 2])
+            self._reduce(group, cur)
         self.pending, self.pending_bytes = [], 0
 
-    def _reduce(self, keys: tuple[tuple[int, int, int], ...], cur: torch.Tensor) -> None:
-        """cur: (G, Br, n), captures `keys` of this step in their own dtype."""
-        li, si, ti = self._index(keys)
-        x = cur.float()
-        x_l1, x_sq = x.abs().sum(-1), torch.linalg.vecdot(x, x)  # (G, Br)
-        self.energy[li, si, :, ti, self.step] = x_sq  # non-finite iff x has a non-finite element
-        if self.step == 0:
-            for key in keys:
-                self.n[key] = x.shape[-1]
-        else:
-            held, p_l1, p_sq = self.prev[keys]
-            p = held.to(self.device, non_blocking=True).float()
-            d = x - p
-            self.sums[li, si, :, ti, self.step - 1] = torch.stack(
-                [d.abs().sum(-1), p_l1, torch.linalg.vecdot(d, d), torch.linalg.vecdot(x, p), x_sq, p_sq], dim=-1)
-        held = cur.to("cpu", non_blocking=True) if self.prev_on_host else cur
-        self.prev[keys] = (held, x_l1, x_sq)
+    def _new_group(self, keys: tuple[Key, ...], xs: list[torch.Tensor]) -> Group:
+        if self.step > 0:
+            raise MiniditError(f"step {self.step} captured tensors that step 0 did not ({keys}): the model's "
+                               f"attention calls must be the same at every step")
+        x = xs[0]
+        buffers = None if len(xs) == 1 else [x.new_empty(len(xs), *x.shape) for _ in range(2)]
+        stats = torch.zeros(self.num_steps, 4, len(xs), x.shape[0], dtype=torch.float32, device=self.device)
+        for key in keys:
+            self.n[key] = x.shape[-1]
+        self.groups[keys] = Group(keys, stats, buffers)
+        return self.groups[keys]
 
-    def _index(self, keys: tuple[tuple[int, int, int], ...]) -> tuple[torch.Tensor, ...]:
-        """Device index tensors (layer, stream, tensor) for a group, made once per prompt."""
-        if keys not in self.indices:
-            self.indices[keys] = tuple(torch.tensor(axis, device=self.device) for axis in zip(*keys))
-        return self.indices[keys]
+    def _reduce(self, group: Group, cur: torch.Tensor) -> None:
+        """cur: (G, Br, n), this step's captures of `group` in their own dtype."""
+        x, stats = cur.float(), group.stats[self.step]
+        torch.linalg.vector_norm(x, dim=-1, out=stats[X_SQ]).square_()
+        if group.held is None:
+            work = torch.empty_like(x)
+        else:
+            # The previous step's values are not needed after this step: when they sit in a tensor of the
+            # recorder's own (a stack buffer, a float32 or device copy), it becomes the work buffer. A model's
+            # own tensor is never written to.
+            p = group.held.to(self.device, non_blocking=True)
+            own = group.buffers is not None or p.dtype != torch.float32 or p.data_ptr() != group.held.data_ptr()
+            work = p.float() if own else p.clone()
+            d = work.sub_(x)  # X_{d-1} - X_d
+            torch.linalg.vector_norm(d, dim=-1, out=stats[D_SQ]).square_()
+            torch.sum(d.abs_(), dim=-1, out=stats[D_ABS])
+        torch.sum(torch.abs(x, out=work), dim=-1, out=stats[X_L1])
+        group.held = cur.to("cpu", non_blocking=True) if self.prev_on_host else cur
 
     def _first_non_finite(self, energy: np.ndarray) -> str:
         bad = ~np.isfinite(energy)  # [layer, stream, branch, tensor, step]
@@ -137,11 +162,13 @@ class Recorder:
 
     def _bytes_held(self) -> int:
         seen, total = set(), 0
-        for held, _, _ in self.prev.values():
-            ptr = held.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += held.untyped_storage().nbytes()
+        for group in self.groups.values():
+            if group.held is None:
+                continue
+            storage = group.held.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
         return total
 
     def finish(self) -> np.ndarray:
@@ -149,10 +176,26 @@ class Recorder:
         self._flush()
         if self.step != self.num_steps - 1:
             raise MiniditError(f"the backbone ran {self.step + 1} steps, the recorder expected {self.num_steps}")
-        sums, energy = self.sums.double().cpu().numpy(), self.energy.cpu().numpy()  # the one host sync
-        self.prev.clear()
-        if not np.isfinite(energy).all() or not np.isfinite(sums).all():
+        groups = list(self.groups.values())
+        stats = torch.cat([g.stats.flatten(2) for g in groups], dim=2).double().cpu().numpy()  # the one host sync
+        for g in groups:
+            g.held = None
+        # scatter the groups' columns to [layer, stream, branch, tensor, step, row]
+        per_step = np.zeros((*self.n.shape[:2], len(self.branches), len(TENSORS), self.num_steps, 4))
+        start = 0
+        for g in groups:
+            li, si, ti = (np.array(axis) for axis in zip(*g.keys))
+            width = len(g.keys) * len(self.branches)
+            cols = stats[:, :, start:start + width].reshape(self.num_steps, 4, len(g.keys), len(self.branches))
+            per_step[li, si, :, ti] = cols.transpose(2, 3, 0, 1)  # (G, Br, steps, 4)
+            start += width
+        energy = per_step[..., X_SQ]
+        if not np.isfinite(per_step).all():
             raise MiniditError(self._first_non_finite(energy))
+        cur, prev = per_step[..., 1:, :], per_step[..., :-1, :]
+        s_sq = cur[..., D_SQ]
+        sums = np.stack([cur[..., D_ABS], prev[..., X_L1], s_sq, (cur[..., X_SQ] + prev[..., X_SQ] - s_sq) / 2,
+                         cur[..., X_SQ], prev[..., X_SQ]], axis=-1)
         moved = sums[..., 0].sum(axis=(0, 1, 2, 3))  # total s_abs per transition
         if (moved == 0).any():
             d = int(np.argmin(moved))
@@ -160,6 +203,11 @@ class Recorder:
                                f"in place, or the backbone saw the same input twice; the statistics would be wrong")
         n = np.broadcast_to(self.n[:, :, None, :, None, None], sums.shape[:-1] + (1,))
         return np.concatenate([n, sums], axis=-1)
+
+
+def _sum_sq(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares over the last dim: the squared 2-norm, which torch computes without a temporary."""
+    return torch.linalg.vector_norm(x, dim=-1).square()
 
 
 def stream_axis(layers: list[AttentionLayer]) -> tuple[str, ...]:
@@ -171,6 +219,8 @@ def stream_axis(layers: list[AttentionLayer]) -> tuple[str, ...]:
 def _per_branch(x: torch.Tensor, branches: int) -> torch.Tensor:
     """(B, ...) -> (branches, n), elements in memory order: a free view when x is a permutation of a dense
     tensor (K and V after the head split are); the sums do not depend on the order of the elements."""
+    if x.is_contiguous():
+        return x.view(branches, -1)
     order = sorted(range(1, x.ndim), key=lambda i: -x.stride(i))
     return x.permute(0, *order).reshape(branches, -1)
 

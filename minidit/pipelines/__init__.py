@@ -24,12 +24,28 @@ class ModelSpec:
 _DIT_FILES = ("model_index.json", "transformer/config.json", "transformer/*.safetensors*", "transformer/*.bin",
               "scheduler/scheduler_config.json", "vae/config.json", "vae/*.safetensors", "vae/*.bin")
 
+
+
+def _weights(folder: str, stem: str) -> tuple[str, ...]:
+    """A component's config and full-precision safetensors, single or sharded (not the fp16/bf16 variants)."""
+    return (f"{folder}/config.json", f"{folder}/{stem}.safetensors", f"{folder}/{stem}-*-of-*.safetensors",
+            f"{folder}/{stem}.safetensors.index.json")
+
+
+_PIXART_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
+                 *_weights("transformer", "diffusion_pytorch_model"), *_weights("text_encoder", "model"),
+                 *_weights("vae", "diffusion_pytorch_model"))
+
 MODELS = {spec.name: spec for spec in [
     ModelSpec("dit-tiny", "dit", None, (), "minidit's embedded 8-class DiT trained on drawn shapes (CPU, seconds)"),
     ModelSpec("dit-xl-256", "dit", "facebook/DiT-XL-2-256", _DIT_FILES, "DiT-XL/2 at 256x256, ImageNet classes"),
     ModelSpec("dit-xl-512", "dit", "facebook/DiT-XL-2-512", _DIT_FILES, "DiT-XL/2 at 512x512, ImageNet classes"),
+    ModelSpec("pixart-1024", "pixart", "PixArt-alpha/PixArt-XL-2-1024-MS", _PIXART_FILES,
+              "PixArt-α at 1024x1024 (multi-aspect), T5-XXL text encoder"),
+    ModelSpec("pixart-512", "pixart", "PixArt-alpha/PixArt-XL-2-512x512", _PIXART_FILES,
+              "PixArt-α at 512x512, T5-XXL text encoder"),
 ]}
-ALIASES = {"dit": "dit-xl-256"}
+ALIASES = {"dit": "dit-xl-256", "pixart": "pixart-1024"}
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -44,4 +60,8 @@ def recipe_class(family: str):
         from minidit.pipelines.dit import DiTRecipe
 
         return DiTRecipe
+    if family == "pixart":
+        from minidit.pipelines.pixart import PixArtRecipe
+
+        return PixArtRecipe
     raise AssertionError(f"no recipe for family {family!r}")

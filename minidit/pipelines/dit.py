@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from minidit import weights
+from minidit.attention import AttentionLayer
 from minidit.errors import MiniditError
 from minidit.models.dit import DiT, load_dit
 from minidit.schedulers.ddim import DDIM, DDIMConfig
@@ -106,6 +107,12 @@ class DiTRecipe:
 
     def branches(self, guidance: float) -> tuple[str, ...]:
         return branches(guidance)
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        return self.model.attention_layers()
+
+    def prepare(self, prompts: list[str]) -> None:
+        """Nothing to precompute: class labels need no encoder."""
 
     @property
     def resolution(self) -> tuple[int, int]:

@@ -30,7 +30,8 @@ class DDIMConfig:
         cfg = cls(**{k: v for k, v in config.items() if k in {f.name for f in fields(cls)}})
         if cfg.clip_sample or config.get("thresholding") or config.get("trained_betas") is not None:
             raise MiniditError("DDIM with clip_sample, thresholding or trained_betas is not supported by minidit")
-        if cfg.beta_schedule not in ("linear", "scaled_linear") or cfg.prediction_type not in ("epsilon", "v_prediction"):
+        if (cfg.beta_schedule not in ("linear", "scaled_linear")
+                or cfg.prediction_type not in ("epsilon", "v_prediction")):
             raise MiniditError(f"DDIM beta_schedule={cfg.beta_schedule!r} / prediction_type={cfg.prediction_type!r} "
                                f"is not supported by minidit")
         return cfg

@@ -1,0 +1,199 @@
+"""Text-to-image sampling for PixArt-α: prompt -> T5 -> DPM-Solver++ loop with guidance -> latents -> SD VAE.
+
+Follows diffusers' PixArtAlphaPipeline, which is how the Hub checkpoints are used:
+- the prompt is lower-cased and stripped (the pipeline's `clean_caption=True` path needs bs4 and ftfy and
+  falls back to exactly this without them; minidit does not implement caption cleaning);
+- T5 tokens: `</s>` appended, padded to 120, run with the attention mask; the unconditional branch is the
+  T5 encoding of "" (not the original code's learned null caption); the batch is [uncond; cond];
+- the requested size is mapped to the nearest of 33 aspect-ratio buckets; the 1024 model also receives the
+  bucket's [height, width] and height / width as micro-conditions; the decoded image is resized and
+  centre-cropped back to the requested size;
+- guidance on the epsilon channels, the learned-variance channels dropped before the scheduler step.
+
+T5-XXL is the largest part (4.8B parameters, 9.5 GB in bf16): `prepare(prompts)` encodes every prompt of a
+run once, then releases the encoder, so only the 0.6B transformer and the VAE stay on the accelerator.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from minidit import weights
+from minidit.attention import AttentionLayer
+from minidit.errors import MiniditError
+from minidit.models.pixart import PixArt, load_pixart
+from minidit.pipelines.dit import initial_noise
+from minidit.schedulers.ddim import DDIM, DDIMConfig
+from minidit.schedulers.dpm_solver import DPMSolver, DPMSolverConfig
+from minidit.text.t5 import load_t5
+from minidit.text.t5_tokenizer import T5Tokenizer
+from minidit.vae.autoencoder_kl import load_vae, to_uint8
+
+NEGATIVE_PROMPT = ""
+# Aspect-ratio buckets of the 1024 model, "height / width" -> [height, width] in pixels (diffusers'
+# ASPECT_RATIO_1024_BIN). The 512 and 256 models use the same buckets scaled by 1/2 and 1/4.
+ASPECT_RATIO_BINS_1024 = {
+    "0.25": (512, 2048), "0.28": (512, 1856), "0.32": (576, 1792), "0.33": (576, 1728), "0.35": (576, 1664),
+    "0.4": (640, 1600), "0.42": (640, 1536), "0.48": (704, 1472), "0.5": (704, 1408), "0.52": (704, 1344),
+    "0.57": (768, 1344), "0.6": (768, 1280), "0.68": (832, 1216), "0.72": (832, 1152), "0.78": (896, 1152),
+    "0.82": (896, 1088), "0.88": (960, 1088), "0.94": (960, 1024), "1.0": (1024, 1024), "1.07": (1024, 960),
+    "1.13": (1088, 960), "1.21": (1088, 896), "1.29": (1152, 896), "1.38": (1152, 832), "1.46": (1216, 832),
+    "1.67": (1280, 768), "1.75": (1344, 768), "2.0": (1408, 704), "2.09": (1472, 704), "2.4": (1536, 640),
+    "2.5": (1600, 640), "3.0": (1728, 576), "4.0": (2048, 512),
+}
+BINNED_SAMPLE_SIZES = (128, 64, 32)  # the latent sizes diffusers has buckets for (1024, 512 and 256 px)
+
+DEFAULT_PROMPTS = (
+    "a red fox sitting in fresh snow at dawn, soft light",
+    "an astronaut riding a horse on the moon, photorealistic",
+    "a bowl of ramen with a soft-boiled egg, top view",
+    "a watercolor painting of a lighthouse on a rocky coast",
+    "a futuristic city skyline at night with neon signs, rain",
+    "a close-up portrait of an old fisherman with a grey beard",
+    "a cozy reading room with bookshelves and a fireplace",
+    "a macro photo of a dew-covered spider web in a garden",
+)
+
+
+def bucket(height: int, width: int, sample_size: int) -> tuple[int, int]:
+    """The bucket diffusers maps a requested size to: the one whose height / width is nearest."""
+    scale = sample_size / 128  # the tables are for latents of 128 (1024 px), 64 (512 px) and 32 (256 px)
+    ratio = height / width
+    nearest = min(ASPECT_RATIO_BINS_1024, key=lambda r: abs(float(r) - ratio))
+    h, w = ASPECT_RATIO_BINS_1024[nearest]
+    return int(h * scale), int(w * scale)
+
+
+def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale (B, 3, h, w) images to cover (height, width), then crop the centre, as the diffusers pipeline does."""
+    h, w = images.shape[-2:]
+    if (h, w) == (height, width):
+        return images
+    ratio = max(height / h, width / w)
+    images = F.interpolate(images, size=(int(h * ratio), int(w * ratio)), mode="bilinear", align_corners=False)
+    top, left = (images.shape[-2] - height) // 2, (images.shape[-1] - width) // 2
+    return images[..., top:top + height, left:left + width]
+
+
+class PixArtRecipe:
+    """PixArt-α for the analysis: a Hub-layout folder -> tokenizer, T5, backbone, scheduler, VAE."""
+
+    schedulers = ("dpm-solver++", "ddim")
+    default_scheduler = "dpm-solver++"
+    default_steps = 20  # PixArtAlphaPipeline's num_inference_steps
+    default_guidance = 4.5  # PixArtAlphaPipeline's guidance_scale
+    default_max_sequence_length = 120
+
+    def __init__(self, folder: Path, *, dtype: torch.dtype, device: str, height: int | None = None,
+                 width: int | None = None, max_sequence_length: int | None = None, record_cross: bool = False):
+        self.folder, self.dtype, self.device = folder, dtype, device
+        self.model: PixArt = load_pixart(folder / "transformer", dtype=dtype, device=device)
+        self.model.record_cross = record_cross
+        self.scheduler_config = weights.read_json(folder / "scheduler" / "scheduler_config.json")
+        self.tokenizer = T5Tokenizer(folder / "tokenizer")
+        # NOTE(official): T5 v1.1 overflows in fp16; with an fp16 backbone the encoder runs in bf16.
+        text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+        self.text_encoder = load_t5(folder / "text_encoder", dtype=text_dtype, device=device)
+        self.vae = load_vae(folder / "vae", dtype=dtype, device=device)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent cell: 8
+        self.max_sequence_length = (self.default_max_sequence_length if max_sequence_length is None
+                                    else max_sequence_length)
+        if self.max_sequence_length < 1:
+            raise MiniditError(f"--max-sequence-length must be at least 1, got {self.max_sequence_length}")
+        sample_size = self.model.config.sample_size
+        side = sample_size * self.vae_scale
+        self.requested = (side if height is None else height, side if width is None else width)
+        if min(self.requested) < 1:
+            raise MiniditError(f"--height and --width must be positive, got {self.requested}")
+        multiple = self.vae_scale * self.model.config.patch_size
+        if sample_size in BINNED_SAMPLE_SIZES:
+            self.resolution = bucket(*self.requested, sample_size)  # what the model runs at
+        elif any(side % multiple for side in self.requested):
+            raise MiniditError(f"--height and --width must be multiples of {multiple}, got {self.requested}")
+        else:
+            self.resolution = self.requested
+        self.embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> T5 states, mask (host)
+
+    # ---- prompts and text --------------------------------------------------------------------------------
+
+    def default_prompts(self) -> list[str]:
+        return list(DEFAULT_PROMPTS)
+
+    def parse_prompt(self, prompt: str) -> str:
+        return prompt
+
+    def prepare(self, prompts: list[str]) -> None:
+        """Encode every prompt (and the empty negative prompt) once, then release T5 to free its memory."""
+        texts = [t for t in dict.fromkeys([NEGATIVE_PROMPT, *prompts]) if t not in self.embeddings]
+        for text in tqdm(texts, desc="T5", disable=None if len(texts) > 1 else True):
+            self.embeddings[text] = tuple(v.cpu() for v in self._encode(text))
+        self.text_encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 states (1, Lt, 4096) in the backbone's dtype and the attention mask (1, Lt)."""
+        if self.text_encoder is None:
+            raise MiniditError(f"the text encoder was released after prepare(); {text!r} was not among its prompts")
+        ids, mask = self.tokenizer([text.lower().strip()], self.max_sequence_length)
+        states = self.text_encoder(ids.to(self.device), mask.to(self.device))
+        return states.to(self.dtype), mask.to(self.device)
+
+    def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if text in self.embeddings:
+            return tuple(v.to(self.device) for v in self.embeddings[text])
+        return self._encode(text)
+
+    # ---- sampling ----------------------------------------------------------------------------------------
+
+    def make_scheduler(self, name: str, steps: int) -> DPMSolver | DDIM:
+        if name == "ddim":
+            return DDIM(DDIMConfig.from_hub(self.scheduler_config), steps)
+        return DPMSolver(DPMSolverConfig.from_hub(self.scheduler_config), steps)
+
+    def scheduler_manifest(self, scheduler: DPMSolver | DDIM) -> dict:
+        return {"name": scheduler.name, "config": asdict(scheduler.cfg)}
+
+    def branches(self, guidance: float) -> tuple[str, ...]:
+        return ("uncond", "cond") if guidance > 1 else ("cond",)
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        return self.model.attention_layers()
+
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int, scheduler: DPMSolver | DDIM, guidance: float) -> torch.Tensor:
+        """Final latents (1, 4, h / 8, w / 8) at the bucket's size (h, w), from the noise of `seed`."""
+        cfg = self.model.config
+        h, w = self.resolution
+        noise = initial_noise((1, cfg.in_channels, h // self.vae_scale, w // self.vae_scale), seed, self.dtype,
+                              self.device)
+        text, mask = self.encode(prompt)
+        guided = guidance > 1
+        if guided:
+            negative, negative_mask = self.encode(NEGATIVE_PROMPT)
+            text, mask = torch.cat([negative, text]), torch.cat([negative_mask, mask])  # [uncond; cond]
+        micro = {}
+        if cfg.use_additional_conditions:
+            micro = {"resolution": torch.tensor([[h, w]] * len(text), dtype=self.dtype, device=self.device),
+                     "aspect_ratio": torch.tensor([[h / w]] * len(text), dtype=self.dtype, device=self.device)}
+
+        def epsilon(x: torch.Tensor, t: int) -> torch.Tensor:
+            xx = torch.cat([x, x]) if guided else x
+            timesteps = torch.full((len(xx),), t, device=self.device)
+            out = self.model(xx, timesteps, text, mask, **micro)[:, : cfg.in_channels]  # learned sigma dropped
+            if not guided:
+                return out
+            uncond, cond = out.chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        return scheduler.sample(epsilon, noise)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 (B, H, W, 3) images at the requested size."""
+        return to_uint8(resize_and_crop(self.vae.decode(latents).float(), *self.requested))
