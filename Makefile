@@ -29,6 +29,10 @@ fixtures:  # regenerate tests/fixtures from the reference implementations (needs
 	$(PYTHON) tests/reference/generate_t5.py
 	$(PYTHON) tests/reference/generate_dpm_solver.py
 	$(PYTHON) tests/reference/generate_pixart.py  # after t5 and dpm_solver: it reuses their files
+	$(PYTHON) tests/reference/generate_mmdit.py
+	$(PYTHON) tests/reference/generate_flow.py
+	$(PYTHON) tests/reference/generate_clip.py
+	$(PYTHON) tests/reference/generate_clip_tokenizer.py  # pip-downloads open_clip_torch for OpenAI's BPE merges
 
 train-tiny:  # retrain the embedded weights/dit-tiny (about 25 minutes on 2 CPU cores)
 	$(PYTHON) -m minidit.train_tiny

@@ -42,14 +42,14 @@ from minidit.schedulers.ddim import DDIM, DDIMConfig  # noqa: E402
 
 IMAGE_SIZE = 32
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "horizontal bar", "vertical bar", "diamond")
-SIZE_RANGE = (8.0, 13.0)  # half-extent r in pixels (every shape fits in a (2r)^2 box): 4 to 6 patches wide
-MARGIN = 1.0  # pixels kept free between a shape's box and the image border
+SIZE_RANGE = (9.5, 13.0)  # half-extent r in pixels (every shape fits in a (2r)^2 box): 5 to 6.5 patches wide
+JITTER = 3.0  # the shape's centre is within this many pixels of the image centre, on each axis
 BACKGROUND_MAX = 0.35  # background channels uniform in [0, BACKGROUND_MAX]: a dark, muted colour
 SATURATION_RANGE = (0.6, 1.0)  # the shape's colour in HSV: any hue, saturated and bright
 VALUE_RANGE = (0.75, 1.0)
 BAR_HALF_WIDTH = 0.3  # bars and cross arms: half-thickness as a fraction of r
 SQUARE_HALF_SIDE = 0.85  # so a square does not look much bigger than a circle of the same r
-RING_INNER = 0.55  # inner radius of the ring as a fraction of r
+RING_INNER = 0.5  # inner radius of the ring as a fraction of r
 
 
 def _box(dx: torch.Tensor, dy: torch.Tensor, half_w: torch.Tensor, half_h: torch.Tensor) -> torch.Tensor:
@@ -57,10 +57,9 @@ def _box(dx: torch.Tensor, dy: torch.Tensor, half_w: torch.Tensor, half_h: torch
 
 
 def _triangle(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Upward equilateral triangle of circumradius r, moved down by r/4 so its box is centred."""
-    dy = dy - r / 4
-    edges = [(0.0, 1.0), (math.sqrt(3) / 2, -0.5), (-math.sqrt(3) / 2, -0.5)]  # outward normals, y pointing down
-    return torch.stack([dx * nx + dy * ny for nx, ny in edges]).amax(0) - r / 2  # the inradius is r/2
+    """Upward isosceles triangle filling its (2r)^2 box: apex at the top centre, base along the bottom."""
+    side = math.sqrt(5)  # the slanted edges have outward normals (+-2, -1) / sqrt(5), y pointing down
+    return torch.stack([dy - r, (2 * dx - dy - r) / side, (-2 * dx - dy - r) / side]).amax(0)
 
 
 # Signed distance in pixels (negative inside) of each class, from the offsets (dx, dy) to the centre and r.
@@ -99,9 +98,8 @@ def draw_shapes(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch
     """n random images (n, 3, 32, 32) in [-1, 1] and their class labels (n,)."""
     labels = torch.randint(len(CLASSES), (n,), generator=generator)
     r = torch.empty(n, 1, 1).uniform_(*SIZE_RANGE, generator=generator)
-    lo, hi = r + MARGIN, IMAGE_SIZE - r - MARGIN  # the centre range that keeps the whole box inside
-    cx = lo + (hi - lo) * torch.rand(n, 1, 1, generator=generator)
-    cy = lo + (hi - lo) * torch.rand(n, 1, 1, generator=generator)
+    cx = IMAGE_SIZE / 2 + JITTER * (2 * torch.rand(n, 1, 1, generator=generator) - 1)
+    cy = IMAGE_SIZE / 2 + JITTER * (2 * torch.rand(n, 1, 1, generator=generator) - 1)
     pixel = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5  # pixel centres
     dx, dy = pixel[None, None, :] - cx, pixel[None, :, None] - cy  # (n, 1, W), (n, H, 1)
     dx, dy = dx.expand(n, IMAGE_SIZE, IMAGE_SIZE), dy.expand(n, IMAGE_SIZE, IMAGE_SIZE)
@@ -282,8 +280,8 @@ K, V and A from without a download; it is not a generative model of anything bey
 {classes}
 
 Each training image is one shape of a bright colour (any hue, HSV saturation {SATURATION_RANGE[0]:g}-{SATURATION_RANGE[1]:g},
-value {VALUE_RANGE[0]:g}-{VALUE_RANGE[1]:g}) on a plain dark background (RGB channels in [0, {BACKGROUND_MAX:g}]), half-extent {SIZE_RANGE[0]:g} to {SIZE_RANGE[1]:g} px at a random position,
-axis-aligned, anti-aliased.
+value {VALUE_RANGE[0]:g}-{VALUE_RANGE[1]:g}) on a plain dark background (RGB channels in [0, {BACKGROUND_MAX:g}]), half-extent {SIZE_RANGE[0]:g} to {SIZE_RANGE[1]:g} px, centred within {JITTER:g} px
+of the image centre, axis-aligned, anti-aliased (a shape may touch the border).
 
 ## Config
 

@@ -116,16 +116,22 @@ def safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]
     return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()}
 
 
-def load_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """One checkpoint file: safetensors, or a torch pickle (`.bin`, `.pt`, `.pth`) read with weights_only."""
-    from safetensors.torch import load_file as load_safetensors
+def load_file(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One checkpoint file: safetensors, or a torch pickle (`.bin`, `.pt`, `.pth`) read with weights_only.
+
+    With `dtype`, floating tensors are cast one by one as they are read, so that an fp32 file loaded in bf16
+    never needs its full fp32 size in memory (T5-XXL: 19 GB in fp32, 9.5 GB in bf16).
+    """
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise MiniditError(f"{path} is missing: download the checkpoint again or check --weights")
+    cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)  # noqa: E731
     if path.suffix == ".safetensors":
         safetensors_header(path)  # clear errors for truncated or foreign files
-        return load_safetensors(path)
+        with safe_open(path, framework="pt") as f:
+            return {key: cast(f.get_tensor(key)) for key in f.keys()}
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad pickle; all mean the same to the user
@@ -134,7 +140,7 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     for wrapper in ("ema", "state_dict"):  # training checkpoints (DiT) and released .pth files (PixArt)
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
-    return sd
+    return {key: cast(tensor) for key, tensor in sd.items()}
 
 
 def find_weights(folder: str | Path) -> Path:
@@ -151,26 +157,41 @@ def find_weights(folder: str | Path) -> Path:
                        f"*.safetensors.index.json with its shards)")
 
 
-def load_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a component folder: a single file, or the shards listed by its index.json."""
+def load_folder(folder: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a component folder: a single file, or the shards listed by its index.json; floating
+    tensors cast to `dtype` as they are read (see `load_file`)."""
     path = find_weights(folder)
     if not path.name.endswith(".index.json"):
-        return load_file(path)
+        return load_file(path, dtype)
     index = read_json(path)
     weight_map: dict[str, str] = index.get("weight_map", {})
     sd: dict[str, torch.Tensor] = {}
+    stored = 0  # bytes of the shards' tensors as stored, for the index's total_size
     for shard in sorted(set(weight_map.values())):
-        tensors = load_file(path.parent / shard)
+        shard_path = path.parent / shard
+        if shard_path.suffix == ".safetensors":
+            tensors = load_file(shard_path, dtype)
+            stored += sum(_stored_bytes(name, shape) for name, shape in safetensors_header(shard_path).values())
+        else:
+            tensors = load_file(shard_path)
+            stored += sum(t.numel() * t.element_size() for t in tensors.values())
+            tensors = {k: t.to(dtype) if dtype is not None and t.is_floating_point() else t for k, t in tensors.items()}
         listed = {k for k, v in weight_map.items() if v == shard}
         if set(tensors) != listed:
-            raise MiniditError(f"{path.parent / shard} does not hold the tensors its index lists "
+            raise MiniditError(f"{shard_path} does not hold the tensors its index lists "
                                f"({len(set(tensors) ^ listed)} differ): download the checkpoint again")
         sd.update(tensors)
     total = index.get("metadata", {}).get("total_size")
-    actual = sum(t.numel() * t.element_size() for t in sd.values())
-    if total is not None and int(total) != actual:
-        raise MiniditError(f"{path} says the shards hold {total} bytes, they hold {actual}: download again")
+    if total is not None and int(total) != stored:
+        raise MiniditError(f"{path} says the shards hold {total} bytes, they hold {stored}: download again")
     return sd
+
+
+def _stored_bytes(dtype_name: str, shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count * SAFETENSORS_DTYPES[dtype_name]
 
 
 # ---- loading into a model ----------------------------------------------------------------------------

@@ -33,8 +33,7 @@ def best_of(repeats: int, *fns):
     return times
 
 
-def analysis_overhead(prompts: int, steps: int, repeats: int) -> None:
-    recipe = minidit.load_backbone("dit-tiny")
+def analysis_overhead(recipe, name: str, prompts: int, steps: int, repeats: int) -> None:
     labels = recipe.default_prompts()[:prompts]
 
     def plain():
@@ -47,11 +46,17 @@ def analysis_overhead(prompts: int, steps: int, repeats: int) -> None:
 
     plain(), recorded()  # warm-up
     t_plain, t_rec = best_of(repeats, plain, recorded)
-    print(f"analysis overhead (dit-tiny, {prompts} prompts x {steps} steps, guidance {recipe.default_guidance}, "
+    print(f"analysis overhead ({name}, {len(labels)} prompts x {steps} steps, guidance {recipe.default_guidance}, "
           f"{torch.get_num_threads()} threads)")
     print(f"  plain sampling     {t_plain:8.3f} s")
     print(f"  with the recorder  {t_rec:8.3f} s")
     print(f"  ratio              {t_rec / t_plain:8.3f} x")
+
+
+def xl_width_folder() -> Path:
+    """DiT-XL/2's blocks at 256x256 (width 1152, 256 tokens), 4 of its 28 layers, random weights, Hub layout."""
+    xl4 = DiTConfig(num_layers=4, sample_size=32)
+    return write_dit_folder(Path(tempfile.mkdtemp()) / "xl4", xl4, std=0.02)
 
 
 def peak_memory(steps: int) -> None:
@@ -69,16 +74,14 @@ def peak_memory(steps: int) -> None:
     print(f"  with the recorder  {peaks[True]:8.1f} MiB   (ratio {peaks[True] / peaks[False]:.3f} x)")
 
 
-def forward_vs_diffusers(repeats: int) -> None:
+def forward_vs_diffusers(xl_folder: Path, repeats: int) -> None:
     try:
         from diffusers import DiTTransformer2DModel
     except ImportError:
         print("forward vs diffusers: skipped (install the reference extra: make install-reference)")
         return
-    cases = {"dit-tiny (batch 2, CFG)": (ROOT / "weights" / "dit-tiny" / "transformer", 2)}
-    xl4 = DiTConfig(num_layers=4, sample_size=32)  # DiT-XL/2 blocks at 256x256, 4 of its 28 layers
-    folder = write_dit_folder(Path(tempfile.mkdtemp()) / "xl4", xl4, std=0.02) / "transformer"
-    cases["DiT-XL/2 width, 4 layers, 256x256 (batch 2)"] = (folder, 2)
+    cases = {"dit-tiny (batch 2, CFG)": (ROOT / "weights" / "dit-tiny" / "transformer", 2),
+             "DiT-XL/2 width, 4 layers, 256x256 (batch 2)": (xl_folder / "transformer", 2)}
     print("forward time, minidit vs diffusers on identical weights (fp32, CPU)")
     for name, (folder, batch) in cases.items():
         ours = load_dit(folder)
@@ -99,9 +102,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    analysis_overhead(args.prompts, args.steps, args.repeats)
+    analysis_overhead(minidit.load_backbone("dit-tiny"), "dit-tiny", args.prompts, args.steps, args.repeats)
+    xl_folder = xl_width_folder()
+    xl = minidit.load_backbone("dit-tiny", weights_dir=xl_folder)
+    analysis_overhead(xl, "DiT-XL/2 width, 4 layers, 256x256", 2, 10, max(2, args.repeats // 2))
     peak_memory(args.steps)
-    forward_vs_diffusers(args.repeats * 4)
+    forward_vs_diffusers(xl_folder, args.repeats * 4)
 
 
 if __name__ == "__main__":

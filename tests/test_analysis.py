@@ -79,6 +79,22 @@ def test_summary_equals_float64_recomputation(tiny_dit, tmp_path):
         assert int(row["n_prompts"]) == len(recipe.default_prompts())
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("prev_on_host", [False, True])
+def test_stacked_and_one_by_one_reduction_agree(tiny_dit, monkeypatch, dtype, prev_on_host):
+    """Small captures are stacked and reduced at the step's end in the recorder's own buffers; large ones are
+    reduced on arrival, holding the model's tensors. Both paths give the same sums (float32 rounding apart),
+    and neither writes into a tensor the model still owns (the sampled latents stay the same)."""
+    from minidit.analysis import recorder
+
+    recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit, dtype=dtype)
+    latents, stacked = minidit.sample(recipe, "circle", steps=5, record=True, prev_on_host=prev_on_host)
+    monkeypatch.setattr(recorder, "STACK_BELOW_BYTES", 0)  # every capture is "large"
+    latents_one, one_by_one = minidit.sample(recipe, "circle", steps=5, record=True, prev_on_host=prev_on_host)
+    assert torch.equal(latents, latents_one) and torch.equal(latents, minidit.sample(recipe, "circle", steps=5)[0])
+    np.testing.assert_allclose(one_by_one, stacked, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 3) + "\n")

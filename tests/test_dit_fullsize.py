@@ -100,7 +100,7 @@ def test_load_dit_reads_the_real_hub_config(monkeypatch):
     the weights are meta tensors of the Hub shapes, handed over where load_dit reads the folder."""
     folder = FIXTURES / "hub-xl2-256" / "transformer"
     assert (folder / "config.json").stat().st_size == 602
-    monkeypatch.setattr(weights, "load_folder", lambda path: meta_tensors(table_shapes("diffusers")))
+    monkeypatch.setattr(weights, "load_folder", lambda path, dtype=None: meta_tensors(table_shapes("diffusers")))
     model = load_dit(folder, device="meta")
     assert model.config == PRESETS["DiT-XL/2-256"]
     assert model.config.norm_eps == 1e-5 and model.config.freq_shift == 1.0
@@ -116,7 +116,7 @@ def test_load_dit_original_pt_guesses_the_preset(tmp_path, monkeypatch, tokens, 
     path.write_bytes(b"")  # stands for the file; its content comes from the patched reader below
     original = meta_tensors(table_shapes("original"))
     original["pos_embed"] = torch.empty(1, tokens, 1152, device="meta")
-    monkeypatch.setattr(weights, "load_file", lambda p: dict(original))
+    monkeypatch.setattr(weights, "load_file", lambda p, dtype=None: dict(original))
     model = load_dit(path, device="meta")
     assert model.config == replace(PRESETS[preset], norm_eps=1e-6, freq_shift=0.0)
     assert sum(p.numel() for p in model.parameters()) == HUB_PARAMS

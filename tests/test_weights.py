@@ -85,7 +85,8 @@ def test_sharded_reads_every_shard_exactly_once(tmp_path, monkeypatch):
     write_sharded(tmp_path, sd, [["a.weight", "steps"], ["a.bias", "b.weight"], ["b.bias"]])
     reads = []
     real_load_file = weights.load_file
-    monkeypatch.setattr(weights, "load_file", lambda path: reads.append(Path(path).name) or real_load_file(path))
+    monkeypatch.setattr(weights, "load_file",
+                        lambda path, dtype=None: reads.append(Path(path).name) or real_load_file(path, dtype))
     assert_same(load_folder(tmp_path), sd)
     assert sorted(reads) == [f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 

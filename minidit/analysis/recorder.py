@@ -12,11 +12,12 @@ previous step's sum|X| and sum X^2, s_cur2 is this step's sum X^2, and s_dot = (
 (evaluated in float64). Nothing is synchronised with the host inside a step; `finish()` copies the sums
 once, checks them, and returns float64 sums [layer, stream, branch, tensor, transition, 7], n first.
 
-Captures are reduced in groups: they wait until the step ends or `FLUSH_BYTES` of them are pending, then
-the captures of equal size and dtype are stacked into a buffer of the recorder's own and reduced with one
-set of kernels. A small model would otherwise spend as long launching the recorder's kernels as its own;
-a large model, whose every capture exceeds the budget, is reduced capture by capture, so the recorder
-holds about one step of K, V and A.
+Small captures (below `STACK_BELOW_BYTES`) are reduced in groups: they wait until the step ends or
+`FLUSH_BYTES` of them are pending, then the captures of equal size and dtype are stacked into a buffer of
+the recorder's own and reduced with one set of kernels; a small model would otherwise spend as long
+launching the recorder's kernels as its own. Larger captures are reduced as they arrive, and the recorder
+keeps a reference to the model's tensor (no copy) until the next step's arrives: it holds one step of K,
+V and A, plus a float32 work copy of one capture while reducing it.
 
 Usage, around a sampling loop whose backbone is `model`:
 
@@ -40,7 +41,8 @@ TENSORS = ("K", "V", "A")
 TENSOR_INDEX = {name: i for i, name in enumerate(TENSORS)}
 SUMS = ("n", "s_abs", "s_prev", "s_sq", "s_dot", "s_cur2", "s_prev2")
 STREAM_ORDER = ("img", "txt")
-FLUSH_BYTES = 64 * 2**20  # pending captures beyond this are reduced at once
+STACK_BELOW_BYTES = 2**20  # smaller captures wait and are stacked with their likes; larger ones are reduced at once
+FLUSH_BYTES = 16 * 2**20  # pending small captures beyond this are reduced without waiting for the step's end
 X_L1, X_SQ, D_ABS, D_SQ = range(4)  # the rows of Group.stats
 
 Key = tuple[int, int, int]  # (layer, stream, tensor) indices
@@ -100,8 +102,13 @@ class Recorder:
             return
         parts = [(streams, x)] if isinstance(streams, str) else _split(x, token_dim, streams)
         for stream, part in parts:
-            self.pending.append(((li, self.stream_index[stream], ti), _per_branch(part.detach(), len(self.branches))))
-            self.pending_bytes += part.numel() * part.element_size()
+            key, x = (li, self.stream_index[stream], ti), _per_branch(part.detach(), len(self.branches))
+            size = x.numel() * x.element_size()
+            if size >= STACK_BELOW_BYTES:  # large: reduce now, and hold the model's own tensor, not a copy
+                self._reduce(self.groups.get((key,)) or self._new_group((key,), [x]), x[None])
+            else:
+                self.pending.append((key, x))
+                self.pending_bytes += size
         if self.pending_bytes >= FLUSH_BYTES:
             self._flush()
 

@@ -281,7 +281,7 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
         cfg = DiTConfig.from_hub(weights.read_json(path / "config.json"))
         if convention == "original":
             cfg = replace(cfg, **ORIGINAL_CONVENTION)
-        sd = weights.load_folder(path)
+        sd = weights.load_folder(path, dtype)
         sd.pop("pos_embed.pos_embed", None)  # a fixed table some exports store; recomputed here
     with torch.device("meta"):
         model = DiT(cfg)

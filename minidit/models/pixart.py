@@ -333,7 +333,7 @@ def load_pixart(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
         sd = original_to_hub(sd)
     else:
         cfg = PixArtConfig.from_hub(weights.read_json(path / "config.json"))
-        sd = weights.load_folder(path)
+        sd = weights.load_folder(path, dtype)
         sd.pop("pos_embed.pos_embed", None)  # a fixed table some exports store; recomputed here
     with torch.device("meta"):
         model = PixArt(cfg)

@@ -252,7 +252,7 @@ def load_t5(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: s
     check_dtype(dtype)
     folder = Path(folder)
     cfg = T5Config.from_hub(weights.read_json(folder / "config.json"))
-    sd = tie_embeddings(weights.load_folder(folder), str(folder))
+    sd = tie_embeddings(weights.load_folder(folder, dtype), str(folder))
     with torch.device("meta"):
         model = T5Encoder(cfg)
     weights.load_into(model, sd, dtype=dtype, device=device, source=str(folder))

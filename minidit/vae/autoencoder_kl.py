@@ -232,7 +232,7 @@ def load_vae(folder: str | Path, *, dtype: torch.dtype = torch.float32,
     """Load the decoder from a Hub-layout `vae/` folder (config.json + safetensors, shards or a `.bin`)."""
     folder = Path(folder)
     cfg = VAEConfig.from_hub(weights.read_json(folder / "config.json"))
-    sd = decoder_state_dict(weights.load_folder(folder))
+    sd = decoder_state_dict(weights.load_folder(folder, dtype))
     with torch.device("meta"):
         model = AutoencoderKLDecoder(cfg)
     weights.load_into(model, sd, dtype=dtype, device=device, source=str(folder))

@@ -1,0 +1,204 @@
+"""Flow-matching Euler (rectified flow), as diffusers' FlowMatchEulerDiscreteScheduler is driven by the
+StableDiffusion3Pipeline (SD3) and the FluxPipeline (FLUX.1 dev and schnell).
+
+The noisy sample is x_sigma = (1 - sigma) x0 + sigma eps, sigma from 1 (pure noise) to 0 (data); the model predicts
+the velocity v = eps - x0, and sampling is Euler on dx/dsigma = v over a decreasing list of noise levels
+sigma_0 > ... > sigma_{N-1} > sigma_N = 0:
+
+    x <- x + (sigma_{i+1} - sigma_i) v(x, t_i),    t_i = 1000 sigma_i (a float, `timesteps`)
+
+The two shifts, both pushing the steps towards high noise:
+    shift_sigma(sigma, s) = s sigma / (1 + (s - 1) sigma)            fixed shift s (SD3: 3.0; schnell: 1.0 = none)
+    time_shift(mu, sigma) = e^mu / (e^mu + (1 / sigma - 1))          resolution-dependent (FLUX.1-dev), with
+    mu = flux_mu(L): linear in the image token count L = (H/16)(W/16), 0.5 at 256 tokens, 1.15 at 4096 (1024^2)
+The config's `use_dynamic_shifting` picks time_shift (mu from L), otherwise shift_sigma with `shift`.
+
+Two ways of calling the scheduler (`schedule`), chosen independently of the config:
+  "sd3"  what StableDiffusion3Pipeline gets from `set_timesteps(N)`:
+         1. the training grid sigma_k = k / 1000, k = 1000..1, is shifted once with shift_sigma (not with
+            dynamic shifting), giving sigma_max = 1 and sigma_min = shift_sigma(0.001, 3) = 0.002994 for SD3;
+         2. N points evenly spaced from sigma_max to sigma_min (in float64) are shifted (again): with SD3's config
+            the low end is shifted twice, so the last sigma is shift_sigma(0.002994, 3) = 0.008929, not 0.002994.
+            With dynamic shifting, step 1 is skipped (sigma_min = 0.001) and step 2 applies time_shift(mu); the SD3
+            pipeline then computes mu from its own latent size, as FLUX's does.
+  "flux" what FluxPipeline passes: sigmas = linspace(1, 1/N, N) in float32 (BFL's `get_schedule` grid
+         linspace(1, 0, N + 1) without its final 0), then time_shift(mu) with dynamic shifting (dev) or
+         shift_sigma with `shift` otherwise (schnell: shift 1, so sigma = linspace(1, 1/N, N)).
+Both append sigma_N = 0 and keep the sigmas in float32; `timesteps` = 1000 sigma in float32.
+
+What `analyze.py --scheduler` means for each model (config from PRESETS, or the repository's own file):
+
+    --model        --scheduler sd3                                  --scheduler flux
+    sd3            SD3-medium's config, "sd3": StableDiffusion3-    FLUX.1-dev's config, "flux": SD3 sampled with
+                   Pipeline (the default)                           FluxPipeline's schedule (mu from the size)
+    flux (dev)     SD3-medium's config, "sd3": FLUX sampled with    FLUX.1-dev's own config, "flux": FluxPipeline
+                   SD3's schedule (shift 3.0, no dynamic shift)     (the default)
+    flux-schnell   SD3-medium's config, "sd3"                       schnell's own config (shift 1.0), "flux":
+                                                                    FluxPipeline (the default)
+
+The scheduler only hands out t = 1000 sigma; what the model is fed is the pipeline's business. NOTE(official):
+StableDiffusion3Pipeline passes t as float32; FluxPipeline casts t to the latents' dtype and divides by 1000 (so in
+bf16 the FLUX model sees bf16-rounded timesteps), and the FLUX model multiplies by 1000 again.
+
+Numerics follow diffusers 0.42.1 operation by operation (float64 numpy for the "sd3" grid, float32 numpy for the
+"flux" grid, float32 torch for the step), so sigmas, timesteps and every step agree to the bit. Refused with a
+MiniditError: Karras / exponential / beta sigmas, invert_sigmas (Mochi), shift_terminal, the "linear" time shift,
+stochastic sampling.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from minidit.errors import MiniditError
+
+SCHEDULES = ("sd3", "flux")
+PIXELS_PER_TOKEN = 16  # the VAE's 8x downsampling, then 2x2 patches (SD3) or 2x2 packing (FLUX)
+# diffusers options minidit does not implement, with the value (diffusers' default) that turns each one off
+TURNED_OFF = {
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+}
+
+
+@dataclass(frozen=True)
+class FlowMatchConfig:
+    """FlowMatchEulerDiscreteScheduler's settings; the defaults are diffusers' (absent keys of a Hub file)."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+
+    def __post_init__(self):
+        if self.num_train_timesteps < 1 or self.shift <= 0:
+            raise MiniditError(f"flow-matching config needs num_train_timesteps >= 1 and shift > 0, got "
+                               f"{self.num_train_timesteps} and {self.shift}")
+        if self.use_dynamic_shifting and self.max_image_seq_len == self.base_image_seq_len:
+            raise MiniditError("flow-matching dynamic shifting needs max_image_seq_len != base_image_seq_len "
+                               f"(both are {self.base_image_seq_len})")
+
+    @classmethod
+    def from_hub(cls, config: dict) -> "FlowMatchConfig":
+        """From a diffusers `scheduler_config.json`: absent keys take diffusers' defaults, unknown keys are ignored."""
+        for name, off in TURNED_OFF.items():
+            value = config.get(name, off)
+            # NOTE(official): diffusers tests shift_terminal and the sigma switches for truth, not identity
+            switched_on = value != off if isinstance(off, str) else bool(value)
+            if switched_on:
+                raise MiniditError(f"flow-matching Euler with {name}={value!r} is not supported by minidit "
+                                   f"(it implements {name}={off!r} only)")
+        return cls(**{k: v for k, v in config.items() if k in {f.name for f in fields(cls)}})
+
+
+# the Hub repositories' scheduler configs (tests/fixtures/flow holds the files themselves)
+PRESETS = {
+    "stabilityai/stable-diffusion-3-medium-diffusers": FlowMatchConfig(shift=3.0),
+    "black-forest-labs/FLUX.1-dev": FlowMatchConfig(shift=3.0, use_dynamic_shifting=True),  # shift unused
+    "black-forest-labs/FLUX.1-schnell": FlowMatchConfig(shift=1.0),
+}
+
+
+def shift_sigma(sigma, shift: float):
+    """SD3's fixed shift; works on floats, numpy arrays and tensors, in their own precision."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def time_shift(mu: float, sigma):
+    """FLUX's resolution-dependent shift (diffusers' "exponential" time shift, power 1)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+
+
+def flux_mu(image_seq_len: int, cfg: FlowMatchConfig) -> float:
+    """mu on the line through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), extrapolated
+    beyond; written as slope and intercept, in the reference's order of operations."""
+    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    return image_seq_len * slope + (cfg.base_shift - slope * cfg.base_image_seq_len)
+
+
+def image_seq_len(height: int, width: int) -> int:
+    """The number of image tokens of an H x W (pixels) image, for SD3 and FLUX alike."""
+    return (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+
+
+def training_sigma_range(cfg: FlowMatchConfig) -> tuple[float, float]:
+    """(sigma_max, sigma_min) of the training grid k / n, k = n..1, shifted unless the shift is dynamic (float32)."""
+    grid = torch.arange(cfg.num_train_timesteps, 0, -1, dtype=torch.float32) / cfg.num_train_timesteps
+    if not cfg.use_dynamic_shifting:
+        grid = shift_sigma(grid, cfg.shift)
+    return grid[0].item(), grid[-1].item()
+
+
+class FlowMatchEuler:
+    name = "flow-euler"
+
+    def __init__(self, cfg: FlowMatchConfig, num_steps: int, *, image_seq_len: int | None = None,
+                 schedule: str = "sd3"):
+        """`image_seq_len` = (H/16)(W/16) is needed only with dynamic shifting (it sets mu); `schedule` is "sd3" or
+        "flux" (the module docstring says what each does)."""
+        if num_steps < 1:
+            raise MiniditError(f"flow-matching Euler needs at least 1 step, got {num_steps}")
+        if schedule not in SCHEDULES:
+            raise MiniditError(f"unknown flow-matching schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+        self.cfg, self.num_steps, self.schedule = cfg, num_steps, schedule
+        self.mu = None
+        if cfg.use_dynamic_shifting:
+            if image_seq_len is None or image_seq_len < 1:
+                raise MiniditError("this flow-matching config shifts by resolution (use_dynamic_shifting): pass "
+                                   f"image_seq_len = (H/16)*(W/16) >= 1, got {image_seq_len}")
+            self.mu = flux_mu(image_seq_len, cfg)
+
+        n = cfg.num_train_timesteps
+        if schedule == "sd3":
+            sigma_max, sigma_min = training_sigma_range(cfg)
+            base = np.linspace(sigma_max * n, sigma_min * n, num_steps) / n  # float64
+        else:
+            base = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+        shifted = time_shift(self.mu, base) if cfg.use_dynamic_shifting else shift_sigma(base, cfg.shift)
+        sigmas = torch.from_numpy(shifted).to(torch.float32)
+        self._timesteps = sigmas * n  # float32, what diffusers' scheduler.timesteps holds
+        self.noise_levels = torch.cat([sigmas, torch.zeros(1)])  # (N + 1,) float32, ending in 0
+
+    @property
+    def sigmas(self) -> list[float]:
+        """sigma_0 .. sigma_{N-1} (without the final 0), the float32 values as Python floats."""
+        return self.noise_levels[:-1].tolist()
+
+    @property
+    def timesteps(self) -> list[float]:
+        """t_i = 1000 sigma_i, the float32 values as Python floats."""
+        return self._timesteps.tolist()
+
+    def _index(self, t_index_or_t) -> int:
+        if isinstance(t_index_or_t, int):
+            if not 0 <= t_index_or_t < self.num_steps:
+                raise MiniditError(f"flow-matching step index {t_index_or_t} is out of range 0..{self.num_steps - 1}")
+            return t_index_or_t
+        hits = [i for i, t in enumerate(self.timesteps) if t == float(t_index_or_t)]
+        if len(hits) != 1:
+            raise MiniditError(f"timestep {float(t_index_or_t)!r} is not exactly one of this schedule's timesteps; "
+                               f"pass one of `timesteps` or the step index (an int)")
+        return hits[0]
+
+    def step(self, model_output: torch.Tensor, t_index_or_t, x: torch.Tensor) -> torch.Tensor:
+        """One Euler step from sigma_i to sigma_{i+1}: i is given as an int, or as the timestep t_i (a float)."""
+        i = self._index(t_index_or_t)
+        dt = self.noise_levels[i + 1] - self.noise_levels[i]  # float32, negative
+        # NOTE(official): the sample is upcast to float32, dt * v stays in v's dtype, the sum is cast back to v's
+        return (x.to(torch.float32) + dt * model_output).to(model_output.dtype)
+
+    def sample(self, model_fn, x: torch.Tensor) -> torch.Tensor:
+        """Run the loop: `model_fn(x, t)` returns the velocity for timestep t = 1000 sigma (a float)."""
+        for i, t in enumerate(self.timesteps):
+            x = self.step(model_fn(x, t), i, x)
+        return x
