@@ -28,7 +28,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                          "the Hugging Face cache")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's pipeline default)")
     p.add_argument("--scheduler", help="sampler name (default: the model's own)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; for FLUX.1 the distilled guidance "
+                                                  "value fed to the model (default: the pipeline's)")
     p.add_argument("--prompts", metavar="FILE", help="UTF-8 text, one prompt per line (class ids or names for "
                                                      "class-conditional models)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
@@ -40,7 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--height", type=int, help="text-to-image models: image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="text-to-image models: image width in pixels (default: the model's)")
     p.add_argument("--max-sequence-length", type=int, metavar="N",
-                   help="text-to-image models: T5 tokens per prompt (default: the pipeline's, 120 for PixArt)")
+                   help="text-to-image models: T5 tokens per prompt (default: the pipeline's: PixArt 120, "
+                        "FLUX.1-dev 512, schnell 256)")
     p.add_argument("--cross-attention", action="store_true",
                    help="PixArt: also record the cross-attention layers (as extra layers of kind 'cross')")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/MODEL-SCHEDULER-Nsteps)")
@@ -130,6 +132,7 @@ FAMILY_OPTIONS = {
     "dit": {"convention": "convention"},
     "pixart": {"height": "height", "width": "width", "max_sequence_length": "max_sequence_length",
                "cross_attention": "record_cross"},
+    "flux": {"height": "height", "width": "width", "max_sequence_length": "max_sequence_length"},
 }
 
 

@@ -36,6 +36,10 @@ _PIXART_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokeniz
                  *_weights("transformer", "diffusion_pytorch_model"), *_weights("text_encoder", "model"),
                  *_weights("vae", "diffusion_pytorch_model"))
 
+_FLUX_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*",
+               *_weights("transformer", "diffusion_pytorch_model"), *_weights("text_encoder", "model"),
+               *_weights("text_encoder_2", "model"), *_weights("vae", "diffusion_pytorch_model"))
+
 MODELS = {spec.name: spec for spec in [
     ModelSpec("dit-tiny", "dit", None, (), "minidit's embedded 8-class DiT trained on drawn shapes (CPU, seconds)"),
     ModelSpec("dit-xl-256", "dit", "facebook/DiT-XL-2-256", _DIT_FILES, "DiT-XL/2 at 256x256, ImageNet classes"),
@@ -44,8 +48,12 @@ MODELS = {spec.name: spec for spec in [
               "PixArt-α at 1024x1024 (multi-aspect), T5-XXL text encoder"),
     ModelSpec("pixart-512", "pixart", "PixArt-alpha/PixArt-XL-2-512x512", _PIXART_FILES,
               "PixArt-α at 512x512, T5-XXL text encoder"),
+    ModelSpec("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", _FLUX_FILES,
+              "FLUX.1 [dev] at 1024x1024, CLIP-L + T5-XXL, distilled guidance (gated: needs a Hub token)"),
+    ModelSpec("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell", _FLUX_FILES,
+              "FLUX.1 [schnell] at 1024x1024, 4 steps, no guidance"),
 ]}
-ALIASES = {"dit": "dit-xl-256", "pixart": "pixart-1024"}
+ALIASES = {"dit": "dit-xl-256", "pixart": "pixart-1024", "flux": "flux-dev"}
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -64,4 +72,8 @@ def recipe_class(family: str):
         from minidit.pipelines.pixart import PixArtRecipe
 
         return PixArtRecipe
+    if family == "flux":
+        from minidit.pipelines.flux import FluxRecipe
+
+        return FluxRecipe
     raise AssertionError(f"no recipe for family {family!r}")
