@@ -1,9 +1,12 @@
-"""Small shared functions: timestep sinusoids, adaLN modulation, 2D sin-cos position tables, patchify."""
+"""Small shared pieces: timestep sinusoids, adaLN modulation, 2D sin-cos position tables, patchify, and the
+transformer FFN that DiT, PixArt, SD3 and FLUX all use with the same checkpoint keys."""
 
 import functools
 import math
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 
 
@@ -50,3 +53,26 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 def unpatchify(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
     """(B, H*W, p*p*C) tokens -> (B, C, H*p, W*p) image, patch pixels ordered (p, q, C) as DiT writes them."""
     return rearrange(x, "B (H W) (p q C) -> B C (H p) (W q)", H=h, W=w, p=p, q=p)
+
+
+class GELUProjection(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Linear (D -> 4D), GELU (tanh approximation), Linear (4D -> D): the FFN of diffusers' transformer blocks."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        # checkpoint keys: net.0.proj, net.2 (index 1 was a dropout layer in training code)
+        self.net = nn.ModuleList([GELUProjection(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x

@@ -25,7 +25,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import modulate, sincos_2d, timestep_embedding, unpatchify
+from minidit.layers import FeedForward, modulate, sincos_2d, timestep_embedding, unpatchify
 
 FREQ_DIM = 256  # width of the timestep sinusoid fed to the timestep MLP
 
@@ -129,27 +129,6 @@ class SelfAttention(nn.Module):
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))  # (B, Nh, L, Dh)
         out = attention(q, k, v, layer=self.layer)  # (B, L, D)
         return attention_output(self.to_out[0](out), layer=self.layer)
-
-
-class GELUProjection(nn.Module):
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, inner)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        # checkpoint keys: net.0.proj, net.2 (index 1 was a dropout layer in training code)
-        self.net = nn.ModuleList([GELUProjection(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
 
 
 class DiTBlock(nn.Module):

@@ -30,7 +30,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import modulate, timestep_embedding
+from minidit.layers import FeedForward, modulate, timestep_embedding
 from minidit.rope import apply_rope, rope_frequencies
 
 FREQ_DIM = 256  # width of the timestep and guidance sinusoids
@@ -148,27 +148,6 @@ class RMSNorm(nn.Module):
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return rearrange(x, "B L (Nh Dh) -> B Nh L Dh", Nh=num_heads)
-
-
-class GELUProjection(nn.Module):
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, inner)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        # checkpoint keys: net.0.proj, net.2 (index 1 was a dropout layer in training code)
-        self.net = nn.ModuleList([GELUProjection(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
 
 
 class DoubleStreamAttention(nn.Module):

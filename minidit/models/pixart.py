@@ -31,7 +31,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import modulate, sincos_2d, timestep_embedding, unpatchify
+from minidit.layers import FeedForward, modulate, sincos_2d, timestep_embedding, unpatchify
 
 FREQ_DIM = 256  # width of the sinusoids of the timestep and of each micro-condition
 MASK_BIAS = -10000.0  # NOTE(official): diffusers' additive bias for padded text tokens
@@ -161,27 +161,6 @@ class Attention(nn.Module):
         q, k, v = heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context))
         out = attention(q, k, v, mask=bias, layer=self.layer, streams=self.kv_stream)  # (B, L, D)
         return attention_output(self.to_out[0](out), layer=self.layer)
-
-
-class GELUProjection(nn.Module):
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, inner)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        # checkpoint keys: net.0.proj, net.2 (index 1 was a dropout layer in training code)
-        self.net = nn.ModuleList([GELUProjection(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
 
 
 class PixArtBlock(nn.Module):

@@ -30,7 +30,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import modulate, timestep_embedding, unpatchify
+from minidit.layers import FeedForward, modulate, timestep_embedding, unpatchify
 
 FREQ_DIM = 256  # width of the timestep sinusoid
 NORM_EPS = 1e-6
@@ -143,27 +143,6 @@ class JointAttention(nn.Module):
         if self.to_add_out is None:  # the last block: the text result is not used
             return a_x, None
         return a_x, attention_output(self.to_add_out(out_c), layer=self.layer, streams="txt")
-
-
-class GELUProjection(nn.Module):
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, inner)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        # checkpoint keys: net.0.proj, net.2 (index 1 was a dropout layer in training code)
-        self.net = nn.ModuleList([GELUProjection(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
 
 
 class JointBlock(nn.Module):
