@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="text-to-image models: image width in pixels (default: the model's)")
     p.add_argument("--max-sequence-length", type=int, metavar="N",
                    help="text-to-image models: T5 tokens per prompt (default: the pipeline's: PixArt 120, "
-                        "FLUX.1-dev 512, schnell 256)")
+                        "SD3 256, FLUX.1-dev 512, schnell 256)")
     p.add_argument("--cross-attention", action="store_true",
                    help="PixArt: also record the cross-attention layers (as extra layers of kind 'cross')")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/MODEL-SCHEDULER-Nsteps)")
@@ -132,6 +132,7 @@ FAMILY_OPTIONS = {
     "dit": {"convention": "convention"},
     "pixart": {"height": "height", "width": "width", "max_sequence_length": "max_sequence_length",
                "cross_attention": "record_cross"},
+    "sd3": {"height": "height", "width": "width", "max_sequence_length": "max_sequence_length"},
     "flux": {"height": "height", "width": "width", "max_sequence_length": "max_sequence_length"},
 }
 

@@ -36,6 +36,11 @@ _PIXART_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokeniz
                  *_weights("transformer", "diffusion_pytorch_model"), *_weights("text_encoder", "model"),
                  *_weights("vae", "diffusion_pytorch_model"))
 
+_SD3_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*", "tokenizer_3/*",
+              *_weights("transformer", "diffusion_pytorch_model"), *_weights("text_encoder", "model"),
+              *_weights("text_encoder_2", "model"), *_weights("text_encoder_3", "model"),
+              *_weights("vae", "diffusion_pytorch_model"))
+
 _FLUX_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*",
                *_weights("transformer", "diffusion_pytorch_model"), *_weights("text_encoder", "model"),
                *_weights("text_encoder_2", "model"), *_weights("vae", "diffusion_pytorch_model"))
@@ -48,6 +53,8 @@ MODELS = {spec.name: spec for spec in [
               "PixArt-α at 1024x1024 (multi-aspect), T5-XXL text encoder"),
     ModelSpec("pixart-512", "pixart", "PixArt-alpha/PixArt-XL-2-512x512", _PIXART_FILES,
               "PixArt-α at 512x512, T5-XXL text encoder"),
+    ModelSpec("sd3", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", _SD3_FILES,
+              "SD3-medium at 1024x1024, CLIP-L + CLIP-bigG + T5-XXL, CFG 7.0 (gated: needs a Hub token)"),
     ModelSpec("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", _FLUX_FILES,
               "FLUX.1 [dev] at 1024x1024, CLIP-L + T5-XXL, distilled guidance (gated: needs a Hub token)"),
     ModelSpec("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell", _FLUX_FILES,
@@ -72,6 +79,10 @@ def recipe_class(family: str):
         from minidit.pipelines.pixart import PixArtRecipe
 
         return PixArtRecipe
+    if family == "sd3":
+        from minidit.pipelines.sd3 import SD3Recipe
+
+        return SD3Recipe
     if family == "flux":
         from minidit.pipelines.flux import FluxRecipe
 

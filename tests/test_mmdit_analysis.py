@@ -1,5 +1,6 @@
-"""The FLUX.1 analysis end to end on a tiny copy of the FLUX.1-dev repository's layout: the paper's step-count
-ablation (14, 28, 56 steps) and scheduler ablation (FLUX.1-dev sampled with SD3's schedule), and their comparison."""
+"""The SD3 and FLUX.1 analyses end to end on tiny copies of their repositories' layouts: SD3-medium's 24
+joint layers, and FLUX.1-dev's step-count ablation (14, 28, 56 steps) and scheduler ablation (SD3's schedule)
+with their comparison."""
 
 import csv
 import json
@@ -45,3 +46,21 @@ def test_flux_step_and_scheduler_ablation(tmp_path):
     with (out / "compare.csv").open() as f:
         compared = list(csv.DictReader(f))
     assert {r["run"] for r in compared} >= {"14 steps", "56 steps", "14 steps, SD3 schedule"}
+
+
+def test_sd3_analysis(tmp_path):
+    """SD3-medium's 24 joint layers, both streams, both CFG branches, on a tiny copy of its repository's layout."""
+    folder = ROOT / "tests" / "fixtures" / "sd3_pipeline" / "stable-diffusion-3-medium-diffusers"
+    out = tmp_path / "sd3"
+    result = analyze("--model", "sd3", "--weights", str(folder), "--num-prompts", "2", "--steps", "4",
+                     "--height", "128", "--width", "192", "--save-images", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [layer["kind"] for layer in manifest["layers"]] == ["joint"] * 24
+    assert manifest["branches"] == ["uncond", "cond"] and manifest["scheduler"]["config"]["shift"] == 3.0
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {int(r["layer"]) for r in rows} == set(range(24))
+    streams = {(r["stream"], r["tensor"]) for r in rows if r["layer"] == "23"}
+    assert streams == {("img", "K"), ("img", "V"), ("img", "A"), ("txt", "K"), ("txt", "V")}  # no text output
+    assert len(list((out / "images").glob("*.png"))) == 2
