@@ -76,3 +76,16 @@ class FeedForward(nn.Module):
         for layer in self.net:
             x = layer(x)
         return x
+
+
+class MLPEmbedding(nn.Module):
+    """Linear -> SiLU -> Linear: diffusers' TimestepEmbedding (keys linear_1, linear_2), which the models also use
+    for the pooled-text, guidance and micro-condition embeddings."""
+
+    def __init__(self, d_in: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))

@@ -25,7 +25,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import FeedForward, modulate, sincos_2d, timestep_embedding, unpatchify
+from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, timestep_embedding, unpatchify
 
 FREQ_DIM = 256  # width of the timestep sinusoid fed to the timestep MLP
 
@@ -73,16 +73,6 @@ PRESETS = {
 }
 
 
-class TimestepEmbedding(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(FREQ_DIM, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, t_freq: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(t_freq)))
-
-
 class LabelEmbedding(nn.Module):
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
@@ -98,7 +88,7 @@ class Conditioning(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.freq_shift = cfg.freq_shift
-        self.timestep_embedder = TimestepEmbedding(cfg.hidden_size)
+        self.timestep_embedder = MLPEmbedding(FREQ_DIM, cfg.hidden_size)
         self.class_embedder = LabelEmbedding(cfg.num_embeds_ada_norm, cfg.hidden_size)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -30,7 +30,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import FeedForward, modulate, timestep_embedding
+from minidit.layers import FeedForward, MLPEmbedding, modulate, timestep_embedding
 from minidit.rope import apply_rope, rope_frequencies
 
 FREQ_DIM = 256  # width of the timestep and guidance sinusoids
@@ -76,25 +76,13 @@ PRESETS = {"FLUX.1-dev": FluxConfig(), "FLUX.1-schnell": FluxConfig(guidance_emb
 
 # ---- conditioning --------------------------------------------------------------------------------------
 
-class MLP2(nn.Module):
-    """linear -> SiLU -> linear (diffusers' TimestepEmbedding and the pooled-text projection)."""
-
-    def __init__(self, d_in: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(d_in, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class TimeTextEmbedding(nn.Module):
     def __init__(self, cfg: FluxConfig):
         super().__init__()
-        self.timestep_embedder = MLP2(FREQ_DIM, cfg.hidden_size)
+        self.timestep_embedder = MLPEmbedding(FREQ_DIM, cfg.hidden_size)
         if cfg.guidance_embeds:
-            self.guidance_embedder = MLP2(FREQ_DIM, cfg.hidden_size)
-        self.text_embedder = MLP2(cfg.pooled_projection_dim, cfg.hidden_size)
+            self.guidance_embedder = MLPEmbedding(FREQ_DIM, cfg.hidden_size)
+        self.text_embedder = MLPEmbedding(cfg.pooled_projection_dim, cfg.hidden_size)
 
     def forward(self, t: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
         sinusoid = lambda v: timestep_embedding(v, FREQ_DIM).to(pooled.dtype)  # [cos | sin], shift 0

@@ -31,7 +31,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import FeedForward, modulate, sincos_2d, timestep_embedding, unpatchify
+from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, timestep_embedding, unpatchify
 
 FREQ_DIM = 256  # width of the sinusoids of the timestep and of each micro-condition
 MASK_BIAS = -10000.0  # NOTE(official): diffusers' additive bias for padded text tokens
@@ -81,18 +81,6 @@ PRESETS = {
 
 
 # ---- conditioning --------------------------------------------------------------------------------------
-
-class MLPEmbedding(nn.Module):
-    """linear -> SiLU -> linear (diffusers' TimestepEmbedding)."""
-
-    def __init__(self, d_in: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(d_in, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
 
 class Conditioning(nn.Module):
     """emb = MLP(sinusoid(t)) [+ MLP(sinusoid(h)), MLP(sinusoid(w)), MLP(sinusoid(h / w)) concatenated], (B, D)."""

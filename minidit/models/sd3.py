@@ -30,7 +30,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import FeedForward, modulate, timestep_embedding, unpatchify
+from minidit.layers import FeedForward, MLPEmbedding, modulate, timestep_embedding, unpatchify
 
 FREQ_DIM = 256  # width of the timestep sinusoid
 NORM_EPS = 1e-6
@@ -69,23 +69,11 @@ PRESETS = {"stable-diffusion-3-medium": SD3Config()}
 
 # ---- conditioning --------------------------------------------------------------------------------------
 
-class MLP2(nn.Module):
-    """linear -> SiLU -> linear (diffusers' TimestepEmbedding and the pooled-text projection)."""
-
-    def __init__(self, d_in: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(d_in, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class TimeTextEmbedding(nn.Module):
     def __init__(self, cfg: SD3Config):
         super().__init__()
-        self.timestep_embedder = MLP2(FREQ_DIM, cfg.hidden_size)
-        self.text_embedder = MLP2(cfg.pooled_projection_dim, cfg.hidden_size)
+        self.timestep_embedder = MLPEmbedding(FREQ_DIM, cfg.hidden_size)
+        self.text_embedder = MLPEmbedding(cfg.pooled_projection_dim, cfg.hidden_size)
 
     def forward(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         t_freq = timestep_embedding(t, FREQ_DIM).to(pooled.dtype)  # [cos | sin], shift 0

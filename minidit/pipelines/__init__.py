@@ -6,6 +6,17 @@ from pathlib import Path
 from minidit.errors import MiniditError
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "weights"
+# the prompts of a text-to-image run when no --prompts file is given (PixArt, SD3, FLUX)
+TEXT_PROMPTS = (
+    "a red fox sitting in fresh snow at dawn, soft light",
+    "an astronaut riding a horse on the moon, photorealistic",
+    "a bowl of ramen with a soft-boiled egg, top view",
+    "a watercolor painting of a lighthouse on a rocky coast",
+    "a futuristic city skyline at night with neon signs, rain",
+    "a close-up portrait of an old fisherman with a grey beard",
+    "a cozy reading room with bookshelves and a fireplace",
+    "a macro photo of a dew-covered spider web in a garden",
+)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from minidit import weights
 from minidit.attention import AttentionLayer
 from minidit.errors import MiniditError
 from minidit.models.flux import FluxTransformer, load_flux
+from minidit.pipelines import TEXT_PROMPTS
 from minidit.pipelines.dit import initial_noise
 from minidit.schedulers import flow
 from minidit.schedulers.flow import FlowMatchConfig, FlowMatchEuler
@@ -54,17 +55,6 @@ T5_LENGTH = {True: 512, False: 256}  # guidance_embeds (dev) -> T5 tokens; schne
 DEFAULT_SIDE = 1024  # FluxPipeline: default_sample_size 128 latents x 8
 PACK = 2  # latents are packed in 2x2 patches
 TIMESTEP_SCALE = 1000  # FluxPipeline divides the scheduler's t = 1000 sigma by this before the model
-
-DEFAULT_PROMPTS = (
-    "a red fox sitting in fresh snow at dawn, soft light",
-    "an astronaut riding a horse on the moon, photorealistic",
-    "a bowl of ramen with a soft-boiled egg, top view",
-    "a watercolor painting of a lighthouse on a rocky coast",
-    "a futuristic city skyline at night with neon signs, rain",
-    "a close-up portrait of an old fisherman with a grey beard",
-    "a cozy reading room with bookshelves and a fireplace",
-    "a macro photo of a dew-covered spider web in a garden",
-)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -122,7 +112,7 @@ class FluxRecipe:
     # ---- prompts and text --------------------------------------------------------------------------------
 
     def default_prompts(self) -> list[str]:
-        return list(DEFAULT_PROMPTS)
+        return list(TEXT_PROMPTS)
 
     def parse_prompt(self, prompt: str) -> str:
         return prompt

@@ -26,6 +26,7 @@ from minidit import weights
 from minidit.attention import AttentionLayer
 from minidit.errors import MiniditError
 from minidit.models.pixart import PixArt, load_pixart
+from minidit.pipelines import TEXT_PROMPTS
 from minidit.pipelines.dit import initial_noise
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 from minidit.schedulers.dpm_solver import DPMSolver, DPMSolverConfig
@@ -46,17 +47,6 @@ ASPECT_RATIO_BINS_1024 = {
     "2.5": (1600, 640), "3.0": (1728, 576), "4.0": (2048, 512),
 }
 BINNED_SAMPLE_SIZES = (128, 64, 32)  # the latent sizes diffusers has buckets for (1024, 512 and 256 px)
-
-DEFAULT_PROMPTS = (
-    "a red fox sitting in fresh snow at dawn, soft light",
-    "an astronaut riding a horse on the moon, photorealistic",
-    "a bowl of ramen with a soft-boiled egg, top view",
-    "a watercolor painting of a lighthouse on a rocky coast",
-    "a futuristic city skyline at night with neon signs, rain",
-    "a close-up portrait of an old fisherman with a grey beard",
-    "a cozy reading room with bookshelves and a fireplace",
-    "a macro photo of a dew-covered spider web in a garden",
-)
 
 
 def bucket(height: int, width: int, sample_size: int) -> tuple[int, int]:
@@ -121,7 +111,7 @@ class PixArtRecipe:
     # ---- prompts and text --------------------------------------------------------------------------------
 
     def default_prompts(self) -> list[str]:
-        return list(DEFAULT_PROMPTS)
+        return list(TEXT_PROMPTS)
 
     def parse_prompt(self, prompt: str) -> str:
         return prompt

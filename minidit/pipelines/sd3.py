@@ -38,6 +38,7 @@ from minidit import weights
 from minidit.attention import AttentionLayer
 from minidit.errors import MiniditError
 from minidit.models.sd3 import SD3Transformer, load_sd3
+from minidit.pipelines import TEXT_PROMPTS
 from minidit.pipelines.dit import initial_noise
 from minidit.schedulers import flow
 from minidit.schedulers.flow import FlowMatchConfig, FlowMatchEuler
@@ -52,17 +53,6 @@ NEGATIVE_PROMPT = ""
 FLUX_SCHEDULER = flow.PRESETS["black-forest-labs/FLUX.1-dev"]
 DEFAULT_T5_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length
 MAX_T5_LENGTH = 512  # NOTE(official): StableDiffusion3Pipeline refuses longer T5 sequences
-
-DEFAULT_PROMPTS = (
-    "a red fox sitting in fresh snow at dawn, soft light",
-    "an astronaut riding a horse on the moon, photorealistic",
-    "a bowl of ramen with a soft-boiled egg, top view",
-    "a watercolor painting of a lighthouse on a rocky coast",
-    "a futuristic city skyline at night with neon signs, rain",
-    "a close-up portrait of an old fisherman with a grey beard",
-    "a cozy reading room with bookshelves and a fireplace",
-    "a macro photo of a dew-covered spider web in a garden",
-)
 
 
 class SD3Recipe:
@@ -103,7 +93,7 @@ class SD3Recipe:
     # ---- prompts and text --------------------------------------------------------------------------------
 
     def default_prompts(self) -> list[str]:
-        return list(DEFAULT_PROMPTS)
+        return list(TEXT_PROMPTS)
 
     def parse_prompt(self, prompt: str) -> str:
         return prompt
