@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from einops import rearrange
-from tqdm.auto import tqdm
 
 from minidit import weights
 from minidit.attention import AttentionLayer
@@ -40,6 +39,7 @@ from minidit.errors import MiniditError
 from minidit.models.flux import FluxTransformer, load_flux
 from minidit.pipelines import TEXT_PROMPTS
 from minidit.pipelines.dit import initial_noise
+from minidit.pipelines.prompts import encode_once, free_accelerator_memory, from_cache
 from minidit.schedulers import flow
 from minidit.schedulers.flow import FlowMatchConfig, FlowMatchEuler
 from minidit.text.clip import load_clip
@@ -119,12 +119,9 @@ class FluxRecipe:
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt once, then release CLIP and T5 to free their memory."""
-        texts = [t for t in dict.fromkeys(prompts) if t not in self.embeddings]
-        for text in tqdm(texts, desc="CLIP + T5", disable=None if len(texts) > 1 else True):
-            self.embeddings[text] = tuple(v.cpu() for v in self._encode(text))
+        encode_once(self.embeddings, prompts, self._encode, "CLIP + T5")
         self.text_encoder = self.text_encoder_2 = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
 
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,9 +135,7 @@ class FluxRecipe:
         return states.to(self.dtype), pooled.to(self.dtype)
 
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if text in self.embeddings:
-            return tuple(v.to(self.device) for v in self.embeddings[text])
-        return self._encode(text)
+        return from_cache(self.embeddings, text, self.device, self._encode)
 
     # ---- sampling ----------------------------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from minidit import weights
 from minidit.attention import AttentionLayer
@@ -28,6 +27,7 @@ from minidit.errors import MiniditError
 from minidit.models.pixart import PixArt, load_pixart
 from minidit.pipelines import TEXT_PROMPTS
 from minidit.pipelines.dit import initial_noise
+from minidit.pipelines.prompts import encode_once, free_accelerator_memory, from_cache
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 from minidit.schedulers.dpm_solver import DPMSolver, DPMSolverConfig
 from minidit.text.t5 import load_t5
@@ -118,12 +118,9 @@ class PixArtRecipe:
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt (and the empty negative prompt) once, then release T5 to free its memory."""
-        texts = [t for t in dict.fromkeys([NEGATIVE_PROMPT, *prompts]) if t not in self.embeddings]
-        for text in tqdm(texts, desc="T5", disable=None if len(texts) > 1 else True):
-            self.embeddings[text] = tuple(v.cpu() for v in self._encode(text))
+        encode_once(self.embeddings, [NEGATIVE_PROMPT, *prompts], self._encode, "T5")
         self.text_encoder = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
 
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,9 +132,7 @@ class PixArtRecipe:
         return states.to(self.dtype), mask.to(self.device)
 
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if text in self.embeddings:
-            return tuple(v.to(self.device) for v in self.embeddings[text])
-        return self._encode(text)
+        return from_cache(self.embeddings, text, self.device, self._encode)
 
     # ---- sampling ----------------------------------------------------------------------------------------
 

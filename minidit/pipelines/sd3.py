@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from minidit import weights
 from minidit.attention import AttentionLayer
@@ -40,6 +39,7 @@ from minidit.errors import MiniditError
 from minidit.models.sd3 import SD3Transformer, load_sd3
 from minidit.pipelines import TEXT_PROMPTS
 from minidit.pipelines.dit import initial_noise
+from minidit.pipelines.prompts import encode_once, free_accelerator_memory, from_cache
 from minidit.schedulers import flow
 from minidit.schedulers.flow import FlowMatchConfig, FlowMatchEuler
 from minidit.text.clip import load_clip
@@ -100,12 +100,9 @@ class SD3Recipe:
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt (and the empty negative prompt) once, then release the three text encoders."""
-        texts = [t for t in dict.fromkeys([NEGATIVE_PROMPT, *prompts]) if t not in self.embeddings]
-        for text in tqdm(texts, desc="CLIP-L + bigG + T5", disable=None if len(texts) > 1 else True):
-            self.embeddings[text] = tuple(v.cpu() for v in self._encode(text))
+        encode_once(self.embeddings, [NEGATIVE_PROMPT, *prompts], self._encode, "CLIP-L + bigG + T5")
         self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
 
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +119,7 @@ class SD3Recipe:
         return torch.cat([clip, t5], dim=1), pooled.to(self.dtype)
 
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if text in self.embeddings:
-            return tuple(v.to(self.device) for v in self.embeddings[text])
-        return self._encode(text)
+        return from_cache(self.embeddings, text, self.device, self._encode)
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
