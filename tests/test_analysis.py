@@ -157,6 +157,42 @@ def test_non_finite_statistic_names_layer_tensor_and_step(tiny_dit):
         minidit.sample(recipe, "circle", steps=3, record=True)
 
 
+@pytest.mark.parametrize("stack_below", [2**20, 0], ids=["stacked", "one-by-one"])
+def test_attention_calls_must_be_the_same_at_every_step(tiny_dit, monkeypatch, stack_below):
+    """A layer that stops being recorded after step 0 would leave stale values in the record."""
+    from minidit.analysis import recorder
+
+    monkeypatch.setattr(recorder, "STACK_BELOW_BYTES", stack_below)
+    recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
+    attn, calls = recipe.model.transformer_blocks[1].attn1, []
+
+    def unrecord_from_step_2(*_):
+        calls.append(None)
+        if len(calls) == 3:
+            monkeypatch.setattr(attn, "layer", None)  # its K, V and A no longer reach the recorder
+
+    handle = recipe.model.register_forward_pre_hook(unrecord_from_step_2)
+    try:
+        with pytest.raises(MiniditError, match="step 2 captured 3 tensors, step 0 captured 6: the model's "
+                                               "attention calls must be the same at every step"):
+            minidit.sample(recipe, "circle", steps=4, record=True)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("stack_below", [2**20, 0], ids=["stacked", "one-by-one"])
+def test_a_layer_captured_twice_per_step_is_an_error(tiny_dit, monkeypatch, stack_below):
+    from minidit.analysis import recorder
+
+    monkeypatch.setattr(recorder, "STACK_BELOW_BYTES", stack_below)
+    recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
+    attn = recipe.model.transformer_blocks[1].attn1
+    once = attn.forward
+    monkeypatch.setattr(attn, "forward", lambda x: once(once(x)))
+    with pytest.raises(MiniditError, match=r"K of layer transformer_blocks\.1\.attn1 \(img\) was captured twice"):
+        minidit.sample(recipe, "circle", steps=3, record=True)
+
+
 def test_recorder_counts_steps_and_needs_two(tiny_dit):
     recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
     with pytest.raises(MiniditError, match="at least 2 steps"):

@@ -12,12 +12,15 @@ previous step's sum|X| and sum X^2, s_cur2 is this step's sum X^2, and s_dot = (
 (evaluated in float64). Nothing is synchronised with the host inside a step; `finish()` copies the sums
 once, checks them, and returns float64 sums [layer, stream, branch, tensor, transition, 7], n first.
 
-Small captures (below `STACK_BELOW_BYTES`) are reduced in groups: they wait until the step ends or
-`FLUSH_BYTES` of them are pending, then the captures of equal size and dtype are stacked into a buffer of
-the recorder's own and reduced with one set of kernels; a small model would otherwise spend as long
-launching the recorder's kernels as its own. Larger captures are reduced as they arrive, and the recorder
-keeps a reference to the model's tensor (no copy) until the next step's arrives: it holds one step of K,
-V and A, plus a float32 work copy of one capture while reducing it.
+Small captures (below `STACK_BELOW_BYTES`) are copied, as they arrive, into their place in a float32
+buffer of the recorder's own that holds a group of them, and each group is reduced with one set of kernels
+when the step ends: a small model would otherwise spend as long launching the recorder's kernels as its
+own. Step 0 finds the groups: its small captures wait (at most `FLUSH_BYTES` of them), then those of equal
+size and dtype become one group. Each group has two buffers, used in alternate steps, so the previous
+step's values are at hand; they stay on the device (they are small). Larger captures are reduced as they
+arrive, and the recorder keeps a reference to the model's tensor (no copy) until the next step's arrives,
+or a host copy with `prev_on_host`: it holds one step of K, V and A, plus a float32 work copy of one
+capture while reducing it.
 
 Usage, around a sampling loop whose backbone is `model`:
 
@@ -41,9 +44,9 @@ TENSORS = ("K", "V", "A")
 TENSOR_INDEX = {name: i for i, name in enumerate(TENSORS)}
 SUMS = ("n", "s_abs", "s_prev", "s_sq", "s_dot", "s_cur2", "s_prev2")
 STREAM_ORDER = ("img", "txt")
-STACK_BELOW_BYTES = 2**20  # smaller captures wait and are stacked with their likes; larger ones are reduced at once
-FLUSH_BYTES = 16 * 2**20  # pending small captures beyond this are reduced without waiting for the step's end
-X_L1, X_SQ, D_ABS, D_SQ = range(4)  # the rows of Group.stats
+STACK_BELOW_BYTES = 2**20  # smaller captures are copied into groups and reduced together; larger ones at once
+FLUSH_BYTES = 16 * 2**20  # at step 0, pending small captures beyond this are grouped without waiting for the end
+X_L1, X_NORM, D_ABS, D_NORM = range(4)  # the rows of Group.stats
 
 Key = tuple[int, int, int]  # (layer, stream, tensor) indices
 
@@ -53,9 +56,10 @@ class Group:
     """Captures reduced together, step after step, and their device sums."""
 
     keys: tuple[Key, ...]
-    stats: torch.Tensor  # (steps, 4, G, Br) float32: sum|X|, sum X^2 per step; s_abs, s_sq at transition rows 1..
-    buffers: list[torch.Tensor] | None  # two stack buffers, used alternately; None: a single capture, not copied
-    held: torch.Tensor | None = None  # the previous step's (G, Br, n) tensor
+    stats: torch.Tensor  # (steps, 4, G, Br) float32, rows X_L1 ... D_NORM; the D rows from step 1 on
+    buffers: list[torch.Tensor] | None  # small captures: two (G, Br, n) float32 buffers, one per step parity
+    held: torch.Tensor | None = None  # a large capture: the previous step's (1, Br, n) tensor
+    step: int = -1  # a large capture: the step it was last reduced at
 
 
 class Recorder:
@@ -74,9 +78,11 @@ class Recorder:
     def start_prompt(self) -> None:
         self.n = np.zeros((len(self.layers), len(self.streams), len(TENSORS)), dtype=np.float64)
         self.groups: dict[tuple[Key, ...], Group] = {}
-        self.pending: list[tuple[Key, torch.Tensor]] = []  # captured this step, not yet reduced
+        self.places: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}  # a small capture's views into its buffers
+        self.pending: list[tuple[Key, torch.Tensor]] = []  # small captures of step 0, not yet grouped
         self.pending_bytes = 0
         self.step = -1
+        self.taken = self.expected = 0  # captures this step, and at step 0
 
     @contextlib.contextmanager
     def attach(self, model: torch.nn.Module) -> Iterator["Recorder"]:
@@ -89,7 +95,7 @@ class Recorder:
             handle.remove()
 
     def _next_step(self, *_) -> None:
-        self._flush()
+        self._end_step()
         self.step += 1
         if self.step >= self.num_steps:
             raise MiniditError(f"the backbone was called more than the {self.num_steps} steps the recorder expects")
@@ -97,64 +103,110 @@ class Recorder:
             self.held_bytes = max(self.held_bytes, self._bytes_held())
 
     def capture(self, layer: str, tensor: str, x: torch.Tensor, token_dim: int, streams: Streams) -> None:
-        li, ti = self.layer_index.get(layer), TENSOR_INDEX[tensor]
+        li = self.layer_index.get(layer)
         if li is None:  # a layer the run does not record (e.g. PixArt's cross-attention, unless asked for)
             return
-        parts = [(streams, x)] if isinstance(streams, str) else _split(x, token_dim, streams)
-        for stream, part in parts:
-            key, x = (li, self.stream_index[stream], ti), _per_branch(part.detach(), len(self.branches))
-            size = x.numel() * x.element_size()
-            if size >= STACK_BELOW_BYTES:  # large: reduce now, and hold the model's own tensor, not a copy
-                self._reduce(self.groups.get((key,)) or self._new_group((key,), [x]), x[None])
-            else:
-                self.pending.append((key, x))
-                self.pending_bytes += size
-        if self.pending_bytes >= FLUSH_BYTES:
-            self._flush()
+        if isinstance(streams, str):
+            self._take((li, self.stream_index[streams], TENSOR_INDEX[tensor]), x.detach())
+        else:
+            for stream, part in _split(x.detach(), token_dim, streams):
+                self._take((li, self.stream_index[stream], TENSOR_INDEX[tensor]), part)
 
-    def _flush(self) -> None:
-        """Reduce the pending captures, one stacked group per (size, dtype), in capture order."""
+    def _take(self, key: Key, x: torch.Tensor) -> None:
+        self.taken += 1
+        place = self.places.get(key)
+        if place is not None:  # a small capture, after step 0: into its place, reduced at the step's end
+            place[self.step % 2].copy_(x)
+        elif x.numel() * x.element_size() >= STACK_BELOW_BYTES:  # large: reduce now, hold the model's own tensor
+            group = self.groups.get((key,)) or self._new_group((key,), [x], stacked=False)
+            self._reduce_large(group, _per_branch(x, len(self.branches)))
+        else:
+            if self.step > 0:
+                raise MiniditError(f"step {self.step} captured {self._describe(key)}, which step 0 did not: the "
+                                   f"model's attention calls must be the same at every step")
+            self.pending.append((key, x))
+            self.pending_bytes += x.numel() * x.element_size()
+            if self.pending_bytes >= FLUSH_BYTES:
+                self._group_pending()
+
+    def _group_pending(self) -> None:
+        """Step 0: make one group of the pending captures of each size and dtype, and copy them in."""
         by_size: dict[tuple, list[tuple[Key, torch.Tensor]]] = {}
         for key, x in self.pending:
-            by_size.setdefault((x.shape, x.dtype), []).append((key, x))
+            by_size.setdefault((x.numel(), x.dtype), []).append((key, x))
         for captures in by_size.values():
-            keys = tuple(key for key, _ in captures)
-            xs = [x for _, x in captures]
-            group = self.groups.get(keys) or self._new_group(keys, xs)
-            cur = xs[0][None] if group.buffers is None else torch.stack(xs, out=group.buffers[self.step % 2])
-            self._reduce(group, cur)
+            self._new_group(tuple(key for key, _ in captures), [x for _, x in captures], stacked=True)
+            for key, x in captures:
+                self.places[key][0].copy_(x)
         self.pending, self.pending_bytes = [], 0
 
-    def _new_group(self, keys: tuple[Key, ...], xs: list[torch.Tensor]) -> Group:
+    def _end_step(self) -> None:
+        if self.step == 0:
+            self._group_pending()
+            self.expected = self.taken
+        elif self.taken != self.expected:
+            raise MiniditError(f"step {self.step} captured {self.taken} tensors, step 0 captured {self.expected}: "
+                               f"the model's attention calls must be the same at every step")
+        self.taken = 0
+        for group in self.groups.values():
+            if group.buffers is not None:
+                self._reduce_stacked(group)
+
+    def _new_group(self, keys: tuple[Key, ...], xs: list[torch.Tensor], *, stacked: bool) -> Group:
         if self.step > 0:
-            raise MiniditError(f"step {self.step} captured tensors that step 0 did not ({keys}): the model's "
-                               f"attention calls must be the same at every step")
-        x = xs[0]
-        buffers = None if len(xs) == 1 else [x.new_empty(len(xs), *x.shape) for _ in range(2)]
-        stats = torch.zeros(self.num_steps, 4, len(xs), x.shape[0], dtype=torch.float32, device=self.device)
-        for key in keys:
-            self.n[key] = x.shape[-1]
+            raise MiniditError(f"step {self.step} captured {self._describe(keys[0])}, which step 0 did not: the "
+                               f"model's attention calls must be the same at every step")
+        branches, x = len(self.branches), xs[0]
+        stats = torch.zeros(self.num_steps, 4, len(xs), branches, dtype=torch.float32, device=self.device)
+        buffers = None
+        if stacked:
+            buffers = [torch.empty(len(xs), branches, x.numel() // branches, device=self.device) for _ in range(2)]
+        for i, (key, x) in enumerate(zip(keys, xs)):
+            if key in self.places or (key,) in self.groups:
+                raise MiniditError(f"{self._describe(key)} was captured twice in one step: each attention layer "
+                                   f"must run once per backbone call")
+            if stacked:
+                # the capture's elements in its own logical order, the same at every step
+                self.places[key] = (buffers[0][i].view(x.shape), buffers[1][i].view(x.shape))
+            self.n[key] = x.numel() // branches
         self.groups[keys] = Group(keys, stats, buffers)
         return self.groups[keys]
 
-    def _reduce(self, group: Group, cur: torch.Tensor) -> None:
-        """cur: (G, Br, n), this step's captures of `group` in their own dtype."""
-        x, stats = cur.float(), group.stats[self.step]
-        torch.linalg.vector_norm(x, dim=-1, out=stats[X_SQ]).square_()
+    def _reduce_stacked(self, group: Group) -> None:
+        """This step's captures of `group` are in buffers[step % 2]; the previous step's in the other one."""
+        cur, other, stats = group.buffers[self.step % 2], group.buffers[1 - self.step % 2], group.stats[self.step]
+        torch.linalg.vector_norm(cur, dim=-1, out=stats[X_NORM])
+        if self.step > 0:
+            d = other.sub_(cur)  # X_{d-1} - X_d: the previous values are not needed after this step
+            torch.linalg.vector_norm(d, dim=-1, out=stats[D_NORM])
+            torch.sum(d.abs_(), dim=-1, out=stats[D_ABS])
+        torch.sum(torch.abs(cur, out=other), dim=-1, out=stats[X_L1])
+
+    def _reduce_large(self, group: Group, cur: torch.Tensor) -> None:
+        """cur: (Br, n), this step's capture in its own dtype, a view of the model's tensor."""
+        if group.step == self.step:
+            raise MiniditError(f"{self._describe(group.keys[0])} was captured twice in one step: each attention "
+                               f"layer must run once per backbone call")
+        group.step = self.step
+        x, stats = cur.float()[None], group.stats[self.step]
+        torch.linalg.vector_norm(x, dim=-1, out=stats[X_NORM])
         if group.held is None:
             work = torch.empty_like(x)
         else:
-            # The previous step's values are not needed after this step: when they sit in a tensor of the
-            # recorder's own (a stack buffer, a float32 or device copy), it becomes the work buffer. A model's
-            # own tensor is never written to.
+            # When the previous values sit in a tensor of the recorder's own (a float32 or device copy), it
+            # becomes the work buffer. A model's own tensor is never written to.
             p = group.held.to(self.device, non_blocking=True)
-            own = group.buffers is not None or p.dtype != torch.float32 or p.data_ptr() != group.held.data_ptr()
+            own = p.dtype != torch.float32 or p.data_ptr() != group.held.data_ptr()
             work = p.float() if own else p.clone()
             d = work.sub_(x)  # X_{d-1} - X_d
-            torch.linalg.vector_norm(d, dim=-1, out=stats[D_SQ]).square_()
+            torch.linalg.vector_norm(d, dim=-1, out=stats[D_NORM])
             torch.sum(d.abs_(), dim=-1, out=stats[D_ABS])
         torch.sum(torch.abs(x, out=work), dim=-1, out=stats[X_L1])
-        group.held = cur.to("cpu", non_blocking=True) if self.prev_on_host else cur
+        group.held = cur[None].to("cpu", non_blocking=True) if self.prev_on_host else cur[None]
+
+    def _describe(self, key: Key) -> str:
+        li, si, ti = key
+        return f"{TENSORS[ti]} of layer {self.layers[li].name} ({self.streams[si]})"
 
     def _first_non_finite(self, energy: np.ndarray) -> str:
         bad = ~np.isfinite(energy)  # [layer, stream, branch, tensor, step]
@@ -170,23 +222,23 @@ class Recorder:
     def _bytes_held(self) -> int:
         seen, total = set(), 0
         for group in self.groups.values():
-            if group.held is None:
-                continue
-            storage = group.held.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
+            for t in group.buffers or [group.held]:
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
         return total
 
     def finish(self) -> np.ndarray:
         """Float64 sums [layer, stream, branch, tensor, transition, 7] (n first) of the prompt just sampled."""
-        self._flush()
+        self._end_step()
         if self.step != self.num_steps - 1:
             raise MiniditError(f"the backbone ran {self.step + 1} steps, the recorder expected {self.num_steps}")
         groups = list(self.groups.values())
         stats = torch.cat([g.stats.flatten(2) for g in groups], dim=2).double().cpu().numpy()  # the one host sync
         for g in groups:
-            g.held = None
+            g.held = g.buffers = None
+        self.places = {}
         # scatter the groups' columns to [layer, stream, branch, tensor, step, row]
         per_step = np.zeros((*self.n.shape[:2], len(self.branches), len(TENSORS), self.num_steps, 4))
         start = 0
@@ -196,13 +248,15 @@ class Recorder:
             cols = stats[:, :, start:start + width].reshape(self.num_steps, 4, len(g.keys), len(self.branches))
             per_step[li, si, :, ti] = cols.transpose(2, 3, 0, 1)  # (G, Br, steps, 4)
             start += width
-        energy = per_step[..., X_SQ]
+        per_step[..., X_NORM] **= 2  # sum X^2
+        per_step[..., D_NORM] **= 2  # sum (X_d - X_{d-1})^2
+        energy = per_step[..., X_NORM]
         if not np.isfinite(per_step).all():
             raise MiniditError(self._first_non_finite(energy))
         cur, prev = per_step[..., 1:, :], per_step[..., :-1, :]
-        s_sq = cur[..., D_SQ]
-        sums = np.stack([cur[..., D_ABS], prev[..., X_L1], s_sq, (cur[..., X_SQ] + prev[..., X_SQ] - s_sq) / 2,
-                         cur[..., X_SQ], prev[..., X_SQ]], axis=-1)
+        s_sq = cur[..., D_NORM]
+        sums = np.stack([cur[..., D_ABS], prev[..., X_L1], s_sq, (cur[..., X_NORM] + prev[..., X_NORM] - s_sq) / 2,
+                         cur[..., X_NORM], prev[..., X_NORM]], axis=-1)
         moved = sums[..., 0].sum(axis=(0, 1, 2, 3))  # total s_abs per transition
         if (moved == 0).any():
             d = int(np.argmin(moved))
@@ -210,11 +264,6 @@ class Recorder:
                                f"in place, or the backbone saw the same input twice; the statistics would be wrong")
         n = np.broadcast_to(self.n[:, :, None, :, None, None], sums.shape[:-1] + (1,))
         return np.concatenate([n, sums], axis=-1)
-
-
-def _sum_sq(x: torch.Tensor) -> torch.Tensor:
-    """Sum of squares over the last dim: the squared 2-norm, which torch computes without a temporary."""
-    return torch.linalg.vector_norm(x, dim=-1).square()
 
 
 def stream_axis(layers: list[AttentionLayer]) -> tuple[str, ...]:

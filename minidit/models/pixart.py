@@ -181,7 +181,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        x = rearrange(self.proj(x), "B D H W -> B (H W) D")
+        x = rearrange(self.proj(x), "B D H W -> B (H W) D").contiguous()  # token-major, as every later op reads it
         pos = sincos_2d(x.shape[-1], h, w, self.base_size, self.interpolation_scale)  # (L, D), fixed
         return x + pos.to(x.device, x.dtype)
 

@@ -182,7 +182,8 @@ class PatchEmbed(nn.Module):
         top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
         table = rearrange(self.pos_embed, "1 (H W) D -> H W D", H=self.max_size)
         pos = rearrange(table[top:top + h, left:left + w], "H W D -> (H W) D")
-        return rearrange(self.proj(x), "B D H W -> B (H W) D") + pos.to(x.dtype)
+        tokens = rearrange(self.proj(x), "B D H W -> B (H W) D").contiguous()  # token-major, as later ops read it
+        return tokens + pos.to(x.dtype)
 
 
 class SD3Transformer(nn.Module):
