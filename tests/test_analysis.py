@@ -81,18 +81,18 @@ def test_summary_equals_float64_recomputation(tiny_dit, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("prev_on_host", [False, True])
-def test_stacked_and_one_by_one_reduction_agree(tiny_dit, monkeypatch, dtype, prev_on_host):
-    """Small captures are stacked and reduced at the step's end in the recorder's own buffers; large ones are
+def test_grouped_and_one_by_one_reduction_agree(tiny_dit, monkeypatch, dtype, prev_on_host):
+    """Small captures are copied into the recorder's own group buffers and reduced at the step's end; large ones are
     reduced on arrival, holding the model's tensors. Both paths give the same sums (float32 rounding apart),
     and neither writes into a tensor the model still owns (the sampled latents stay the same)."""
     from minidit.analysis import recorder
 
     recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit, dtype=dtype)
-    latents, stacked = minidit.sample(recipe, "circle", steps=5, record=True, prev_on_host=prev_on_host)
-    monkeypatch.setattr(recorder, "STACK_BELOW_BYTES", 0)  # every capture is "large"
+    latents, grouped = minidit.sample(recipe, "circle", steps=5, record=True, prev_on_host=prev_on_host)
+    monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", 0)  # every capture is "large"
     latents_one, one_by_one = minidit.sample(recipe, "circle", steps=5, record=True, prev_on_host=prev_on_host)
     assert torch.equal(latents, latents_one) and torch.equal(latents, minidit.sample(recipe, "circle", steps=5)[0])
-    np.testing.assert_allclose(one_by_one, stacked, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one_by_one, grouped, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
@@ -157,12 +157,12 @@ def test_non_finite_statistic_names_layer_tensor_and_step(tiny_dit):
         minidit.sample(recipe, "circle", steps=3, record=True)
 
 
-@pytest.mark.parametrize("stack_below", [2**20, 0], ids=["stacked", "one-by-one"])
-def test_attention_calls_must_be_the_same_at_every_step(tiny_dit, monkeypatch, stack_below):
+@pytest.mark.parametrize("group_below", [2**20, 0], ids=["grouped", "one-by-one"])
+def test_attention_calls_must_be_the_same_at_every_step(tiny_dit, monkeypatch, group_below):
     """A layer that stops being recorded after step 0 would leave stale values in the record."""
     from minidit.analysis import recorder
 
-    monkeypatch.setattr(recorder, "STACK_BELOW_BYTES", stack_below)
+    monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", group_below)
     recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
     attn, calls = recipe.model.transformer_blocks[1].attn1, []
 
@@ -180,11 +180,11 @@ def test_attention_calls_must_be_the_same_at_every_step(tiny_dit, monkeypatch, s
         handle.remove()
 
 
-@pytest.mark.parametrize("stack_below", [2**20, 0], ids=["stacked", "one-by-one"])
-def test_a_layer_captured_twice_per_step_is_an_error(tiny_dit, monkeypatch, stack_below):
+@pytest.mark.parametrize("group_below", [2**20, 0], ids=["grouped", "one-by-one"])
+def test_a_layer_captured_twice_per_step_is_an_error(tiny_dit, monkeypatch, group_below):
     from minidit.analysis import recorder
 
-    monkeypatch.setattr(recorder, "STACK_BELOW_BYTES", stack_below)
+    monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", group_below)
     recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
     attn = recipe.model.transformer_blocks[1].attn1
     once = attn.forward

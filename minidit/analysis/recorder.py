@@ -7,12 +7,13 @@ captures the same tensor, adds up on the device in float32 (see ../design/analys
     s_dot = sum X_d * X_{d-1}     s_cur2 = sum X_d^2       s_prev2 = sum X_{d-1}^2
 
 On the device only four sums are taken: per step sum|X| and sum X^2 of the captured tensor, per
-transition s_abs and s_sq of the difference. The other three follow exactly: s_prev and s_prev2 are the
+transition s_abs and s_sq of the difference (the squares as 2-norms, squared in float64 by `finish()`,
+which saves a kernel per step). The other three follow exactly: s_prev and s_prev2 are the
 previous step's sum|X| and sum X^2, s_cur2 is this step's sum X^2, and s_dot = (s_cur2 + s_prev2 - s_sq) / 2
 (evaluated in float64). Nothing is synchronised with the host inside a step; `finish()` copies the sums
 once, checks them, and returns float64 sums [layer, stream, branch, tensor, transition, 7], n first.
 
-Small captures (below `STACK_BELOW_BYTES`) are copied, as they arrive, into their place in a float32
+Small captures (below `GROUP_BELOW_BYTES`) are copied, as they arrive, into their place in a float32
 buffer of the recorder's own that holds a group of them, and each group is reduced with one set of kernels
 when the step ends: a small model would otherwise spend as long launching the recorder's kernels as its
 own. Step 0 finds the groups: its small captures wait (at most `FLUSH_BYTES` of them), then those of equal
@@ -44,7 +45,7 @@ TENSORS = ("K", "V", "A")
 TENSOR_INDEX = {name: i for i, name in enumerate(TENSORS)}
 SUMS = ("n", "s_abs", "s_prev", "s_sq", "s_dot", "s_cur2", "s_prev2")
 STREAM_ORDER = ("img", "txt")
-STACK_BELOW_BYTES = 2**20  # smaller captures are copied into groups and reduced together; larger ones at once
+GROUP_BELOW_BYTES = 2**20  # smaller captures are copied into groups and reduced together; larger ones at once
 FLUSH_BYTES = 16 * 2**20  # at step 0, pending small captures beyond this are grouped without waiting for the end
 X_L1, X_NORM, D_ABS, D_NORM = range(4)  # the rows of Group.stats
 
@@ -79,6 +80,7 @@ class Recorder:
         self.n = np.zeros((len(self.layers), len(self.streams), len(TENSORS)), dtype=np.float64)
         self.groups: dict[tuple[Key, ...], Group] = {}
         self.places: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}  # a small capture's views into its buffers
+        self.scratch: dict[torch.Size, torch.Tensor] = {}  # work space for large captures, one per shape
         self.pending: list[tuple[Key, torch.Tensor]] = []  # small captures of step 0, not yet grouped
         self.pending_bytes = 0
         self.step = -1
@@ -117,8 +119,8 @@ class Recorder:
         place = self.places.get(key)
         if place is not None:  # a small capture, after step 0: into its place, reduced at the step's end
             place[self.step % 2].copy_(x)
-        elif x.numel() * x.element_size() >= STACK_BELOW_BYTES:  # large: reduce now, hold the model's own tensor
-            group = self.groups.get((key,)) or self._new_group((key,), [x], stacked=False)
+        elif x.numel() * x.element_size() >= GROUP_BELOW_BYTES:  # large: reduce now, hold the model's own tensor
+            group = self.groups.get((key,)) or self._new_group((key,), [x], grouped=False)
             self._reduce_large(group, _per_branch(x, len(self.branches)))
         else:
             if self.step > 0:
@@ -135,7 +137,7 @@ class Recorder:
         for key, x in self.pending:
             by_size.setdefault((x.numel(), x.dtype), []).append((key, x))
         for captures in by_size.values():
-            self._new_group(tuple(key for key, _ in captures), [x for _, x in captures], stacked=True)
+            self._new_group(tuple(key for key, _ in captures), [x for _, x in captures], grouped=True)
             for key, x in captures:
                 self.places[key][0].copy_(x)
         self.pending, self.pending_bytes = [], 0
@@ -150,29 +152,29 @@ class Recorder:
         self.taken = 0
         for group in self.groups.values():
             if group.buffers is not None:
-                self._reduce_stacked(group)
+                self._reduce_group(group)
 
-    def _new_group(self, keys: tuple[Key, ...], xs: list[torch.Tensor], *, stacked: bool) -> Group:
+    def _new_group(self, keys: tuple[Key, ...], xs: list[torch.Tensor], *, grouped: bool) -> Group:
         if self.step > 0:
             raise MiniditError(f"step {self.step} captured {self._describe(keys[0])}, which step 0 did not: the "
                                f"model's attention calls must be the same at every step")
         branches, x = len(self.branches), xs[0]
         stats = torch.zeros(self.num_steps, 4, len(xs), branches, dtype=torch.float32, device=self.device)
         buffers = None
-        if stacked:
+        if grouped:
             buffers = [torch.empty(len(xs), branches, x.numel() // branches, device=self.device) for _ in range(2)]
         for i, (key, x) in enumerate(zip(keys, xs)):
             if key in self.places or (key,) in self.groups:
                 raise MiniditError(f"{self._describe(key)} was captured twice in one step: each attention layer "
                                    f"must run once per backbone call")
-            if stacked:
+            if grouped:
                 # the capture's elements in its own logical order, the same at every step
                 self.places[key] = (buffers[0][i].view(x.shape), buffers[1][i].view(x.shape))
             self.n[key] = x.numel() // branches
         self.groups[keys] = Group(keys, stats, buffers)
         return self.groups[keys]
 
-    def _reduce_stacked(self, group: Group) -> None:
+    def _reduce_group(self, group: Group) -> None:
         """This step's captures of `group` are in buffers[step % 2]; the previous step's in the other one."""
         cur, other, stats = group.buffers[self.step % 2], group.buffers[1 - self.step % 2], group.stats[self.step]
         torch.linalg.vector_norm(cur, dim=-1, out=stats[X_NORM])
@@ -188,21 +190,18 @@ class Recorder:
             raise MiniditError(f"{self._describe(group.keys[0])} was captured twice in one step: each attention "
                                f"layer must run once per backbone call")
         group.step = self.step
-        x, stats = cur.float()[None], group.stats[self.step]
-        torch.linalg.vector_norm(x, dim=-1, out=stats[X_NORM])
-        if group.held is None:
-            work = torch.empty_like(x)
-        else:
-            # When the previous values sit in a tensor of the recorder's own (a float32 or device copy), it
-            # becomes the work buffer. A model's own tensor is never written to.
+        x, stats = cur[None], group.stats[self.step]
+        work = self.scratch.get(x.shape)  # float32, the recorder's own: a model's tensor is never written to
+        if work is None:
+            work = self.scratch[x.shape] = torch.empty(x.shape, device=self.device)
+        torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32, out=stats[X_NORM])
+        if group.held is not None:
             p = group.held.to(self.device, non_blocking=True)
-            own = p.dtype != torch.float32 or p.data_ptr() != group.held.data_ptr()
-            work = p.float() if own else p.clone()
-            d = work.sub_(x)  # X_{d-1} - X_d
+            d = torch.sub(p, _float32(x, work), out=work)  # X_{d-1} - X_d, in float32
             torch.linalg.vector_norm(d, dim=-1, out=stats[D_NORM])
             torch.sum(d.abs_(), dim=-1, out=stats[D_ABS])
-        torch.sum(torch.abs(x, out=work), dim=-1, out=stats[X_L1])
-        group.held = cur[None].to("cpu", non_blocking=True) if self.prev_on_host else cur[None]
+        torch.sum(torch.abs(_float32(x, work), out=work), dim=-1, out=stats[X_L1])
+        group.held = x.to("cpu", non_blocking=True) if self.prev_on_host else x
 
     def _describe(self, key: Key) -> str:
         li, si, ti = key
@@ -238,7 +237,7 @@ class Recorder:
         stats = torch.cat([g.stats.flatten(2) for g in groups], dim=2).double().cpu().numpy()  # the one host sync
         for g in groups:
             g.held = g.buffers = None
-        self.places = {}
+        self.places, self.scratch = {}, {}
         # scatter the groups' columns to [layer, stream, branch, tensor, step, row]
         per_step = np.zeros((*self.n.shape[:2], len(self.branches), len(TENSORS), self.num_steps, 4))
         start = 0
@@ -279,6 +278,11 @@ def _per_branch(x: torch.Tensor, branches: int) -> torch.Tensor:
         return x.view(branches, -1)
     order = sorted(range(1, x.ndim), key=lambda i: -x.stride(i))
     return x.permute(0, *order).reshape(branches, -1)
+
+
+def _float32(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """x itself when it is float32, else its float32 copy in `work`."""
+    return x if x.dtype == torch.float32 else work.copy_(x)
 
 
 def _split(x: torch.Tensor, token_dim: int, streams: tuple[tuple[str, int], ...]):
