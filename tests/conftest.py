@@ -1,5 +1,7 @@
-"""Shared test helpers: the reference generator as a module, the live-oracle marker, a tiny random DiT folder."""
+"""Shared test helpers: the reference generator as a module, the live-oracle marker, a tiny random DiT folder,
+the generated tiny text-to-image pipelines."""
 
+import functools
 import importlib.util
 import json
 import sys
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from minidit.models.dit import DiT, DiTConfig, save_hub_config
 
@@ -23,6 +25,38 @@ def reference_generator(stem: str = "generate"):
         sys.modules[name] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+class TinyPipeline:
+    """A tiny pipeline folder made by tests/reference/<stem>.py: the reference numbers it stored, a minidit
+    recipe per output size, and minidit's final latents per pipeline case (each computed once per session)."""
+
+    def __init__(self, stem: str, recipe_class):
+        self.G, self.recipe_class = reference_generator(stem), recipe_class
+
+    @functools.cached_property
+    def stored(self) -> dict[str, torch.Tensor]:
+        return load_file(self.G.REFERENCE)
+
+    @functools.cache
+    def recipe(self, height: int | None, width: int | None):
+        return self.recipe_class(self.G.FOLDER, dtype=torch.float32, device="cpu", height=height, width=width)
+
+    @functools.cache
+    def final_latents(self, case: str) -> torch.Tensor:
+        height, width, schedule = self.G.PIPELINE_CASES[case]
+        r = self.recipe(height, width)
+        return r.generate(self.G.PIPELINE_PROMPT, self.G.PIPELINE_SEED,
+                          r.make_scheduler(schedule, self.G.PIPELINE_STEPS), self.G.PIPELINE_GUIDANCE)
+
+    def final_latents_error(self, case: str, source: str) -> float:
+        """minidit's final latents for `case` against the stored ("fixture") or freshly computed ("live") ones."""
+        height, width, schedule = self.G.PIPELINE_CASES[case]
+        latents = self.final_latents(case)
+        expected = (self.stored[f"pipeline/{case}/latents"] if source == "fixture"
+                    else self.G.reference_pipeline(self.G.FOLDER, height, width, schedule))
+        assert latents.shape == (1, 16, (height or 1024) // 8, (width or 1024) // 8)
+        return scaled_error(latents, expected)
 
 
 def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -11,38 +11,18 @@ Errors are max |minidit - reference| / max(1, max |reference|).
 """
 
 import shutil
-from functools import cache
 
 import pytest
 import torch
-from conftest import SOURCES, reference_generator, scaled_error
-from safetensors.torch import load_file
+from conftest import SOURCES, TinyPipeline
 
 from minidit import weights
 from minidit.errors import MiniditError
 from minidit.pipelines.flux import FluxRecipe, image_ids, pack, unpack
 
-G = reference_generator("generate_flux_pipeline")
+P = TinyPipeline("generate_flux_pipeline", FluxRecipe)
+G = P.G
 TOL = 1e-5  # fp32; measured: 0 with FluxPipeline's own schedule, 9.4e-7 with SD3's (the sigmas' float32 cast)
-
-
-@cache
-def stored() -> dict[str, torch.Tensor]:
-    return load_file(G.REFERENCE)
-
-
-@cache
-def recipe(height: int | None, width: int | None) -> FluxRecipe:
-    return FluxRecipe(G.FOLDER, dtype=torch.float32, device="cpu", height=height, width=width)
-
-
-@cache
-def final_latents(case: str) -> torch.Tensor:
-    """minidit's run of a pipeline case (computed once: the 1024x1024 one takes seconds on the CPU)."""
-    height, width, schedule = G.PIPELINE_CASES[case]
-    r = recipe(height, width)
-    return r.generate(G.PIPELINE_PROMPT, G.PIPELINE_SEED, r.make_scheduler(schedule, G.PIPELINE_STEPS),
-                      G.PIPELINE_GUIDANCE)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -50,31 +30,26 @@ def final_latents(case: str) -> torch.Tensor:
 def test_pipeline_final_latents(case, source):
     """4 Euler steps, distilled guidance 3.5, seed 0, T5 length 512: FluxPipeline's final latents at the default
     1024x1024, at 256x384, and at 256x384 with SD3's schedule."""
-    height, width, schedule = G.PIPELINE_CASES[case]
-    latents = final_latents(case)
-    expected = stored()[f"pipeline/{case}/latents"] if source == "fixture" else G.reference_pipeline(
-        G.FOLDER, height, width, schedule)
-    assert latents.shape == (1, 16, (height or 1024) // 8, (width or 1024) // 8)
-    assert scaled_error(latents, expected) < TOL
+    assert P.final_latents_error(case, source) < TOL
 
 
 @pytest.mark.parametrize("steps", G.SD3_STEPS)
 def test_sd3_schedule_is_sd3s(steps):
     """--scheduler sd3: the sigmas of SD3-medium's scheduler after set_timesteps(N), bit for bit, whatever the size."""
     for size in ((256, 384), (None, None)):
-        scheduler = recipe(*size).make_scheduler("sd3", steps)
-        assert torch.equal(torch.tensor(scheduler.sigmas), stored()[f"sd3/{steps}/sigmas"])
+        scheduler = P.recipe(*size).make_scheduler("sd3", steps)
+        assert torch.equal(torch.tensor(scheduler.sigmas), P.stored[f"sd3/{steps}/sigmas"])
         assert scheduler.mu is None
 
 
 def test_flux_schedule_shifts_with_the_size():
     """--scheduler flux: the repository's dynamic shift, mu from (H/16)(W/16) (1.15 at 1024x1024)."""
-    assert recipe(None, None).make_scheduler("flux", 4).mu == pytest.approx(1.15)
-    assert recipe(256, 384).make_scheduler("flux", 4).mu == pytest.approx(0.5 + 0.65 * (384 - 256) / 3840)
+    assert P.recipe(None, None).make_scheduler("flux", 4).mu == pytest.approx(1.15)
+    assert P.recipe(256, 384).make_scheduler("flux", 4).mu == pytest.approx(0.5 + 0.65 * (384 - 256) / 3840)
 
 
 def test_defaults_and_layers():
-    r = recipe(256, 384)
+    r = P.recipe(256, 384)
     assert (r.default_steps, r.default_guidance, r.max_sequence_length) == (28, 3.5, 512)
     assert r.branches(3.5) == ("cond",) and r.resolution == (256, 384)
     layers = r.attention_layers()
@@ -96,7 +71,7 @@ def test_packing_matches_the_pipelines():
 
 def test_prompt_case_is_kept():
     """FluxPipeline does not lower-case: CLIP's tokenizer does, T5's does not, so T5 states differ by case."""
-    r = recipe(256, 384)
+    r = P.recipe(256, 384)
     upper, lower = r.encode("A Cabin"), r.encode("a cabin")
     assert not torch.equal(upper[0], lower[0]) and torch.equal(upper[1], lower[1])
 
@@ -120,7 +95,7 @@ def test_fp16_backbone_runs_t5_in_bf16():
 
 
 def test_decode_gives_images():
-    images = recipe(256, 384).decode(torch.randn(1, 16, 32, 48))
+    images = P.recipe(256, 384).decode(torch.randn(1, 16, 32, 48))
     assert images.shape == (1, 256, 384, 3) and images.dtype.name == "uint8"
 
 

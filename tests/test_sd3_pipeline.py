@@ -11,37 +11,17 @@ a 16-channel 8x VAE). Each comparison runs against:
 Errors are max |minidit - reference| / max(1, max |reference|).
 """
 
-from functools import cache
 
 import pytest
 import torch
-from conftest import SOURCES, reference_generator, scaled_error
-from safetensors.torch import load_file
+from conftest import SOURCES, TinyPipeline
 
 from minidit.errors import MiniditError
 from minidit.pipelines.sd3 import SD3Recipe
 
-G = reference_generator("generate_sd3_pipeline")
+P = TinyPipeline("generate_sd3_pipeline", SD3Recipe)
+G = P.G
 TOL = 1e-5  # fp32
-
-
-@cache
-def stored() -> dict[str, torch.Tensor]:
-    return load_file(G.REFERENCE)
-
-
-@cache
-def recipe(height: int | None, width: int | None) -> SD3Recipe:
-    return SD3Recipe(G.FOLDER, dtype=torch.float32, device="cpu", height=height, width=width)
-
-
-@cache
-def final_latents(case: str) -> torch.Tensor:
-    """minidit's run of a pipeline case (computed once: the 1024x1024 one takes seconds on the CPU)."""
-    height, width, schedule = G.PIPELINE_CASES[case]
-    r = recipe(height, width)
-    return r.generate(G.PIPELINE_PROMPT, G.PIPELINE_SEED, r.make_scheduler(schedule, G.PIPELINE_STEPS),
-                      G.PIPELINE_GUIDANCE)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -49,25 +29,20 @@ def final_latents(case: str) -> torch.Tensor:
 def test_pipeline_final_latents(case, source):
     """4 Euler steps, guidance 7.0 ([uncond; cond] batch), seed 0, T5 length 256: StableDiffusion3Pipeline's final
     latents at the default 1024x1024, at 256x384, and at 256x384 with FLUX.1-dev's schedule."""
-    height, width, schedule = G.PIPELINE_CASES[case]
-    latents = final_latents(case)
-    expected = stored()[f"pipeline/{case}/latents"] if source == "fixture" else G.reference_pipeline(
-        G.FOLDER, height, width, schedule)
-    assert latents.shape == (1, 16, (height or 1024) // 8, (width or 1024) // 8)
-    assert scaled_error(latents, expected) < TOL
+    assert P.final_latents_error(case, source) < TOL
 
 
 def test_schedules():
     """"sd3": the repository's fixed shift 3.0, no mu; "flux": FLUX.1-dev's dynamic shift, mu from (H/16)(W/16)."""
-    r = recipe(256, 384)
+    r = P.recipe(256, 384)
     sd3 = r.make_scheduler("sd3", 4)
     assert sd3.mu is None and sd3.cfg.shift == 3.0 and sd3.sigmas[0] == 1.0
     assert r.make_scheduler("flux", 4).mu == pytest.approx(0.5 + 0.65 * (384 - 256) / 3840)
-    assert recipe(None, None).make_scheduler("flux", 4).mu == pytest.approx(1.15)
+    assert P.recipe(None, None).make_scheduler("flux", 4).mu == pytest.approx(1.15)
 
 
 def test_defaults_and_layers():
-    r = recipe(None, None)
+    r = P.recipe(None, None)
     assert (r.default_steps, r.default_guidance, r.max_sequence_length) == (28, 7.0, 256)
     assert r.resolution == (1024, 1024) and r.default_scheduler == "sd3" and r.schedulers == ("sd3", "flux")
     assert r.branches(7.0) == ("uncond", "cond") and r.branches(1.0) == ("cond",)
@@ -77,7 +52,7 @@ def test_defaults_and_layers():
 
 def test_text_recipe():
     """(1, 77 + 256, 32): [CLIP-L; bigG] penultimate states zero-padded from 24 to T5's 32, then T5; pooled 8 + 16."""
-    r = recipe(256, 384)
+    r = P.recipe(256, 384)
     text, pooled = r.encode("a cabin")
     assert text.shape == (1, 77 + 256, 32) and pooled.shape == (1, 24)
     assert torch.all(text[:, :77, 24:] == 0) and torch.any(text[:, :77, :24] != 0)
@@ -85,7 +60,7 @@ def test_text_recipe():
 
 def test_prompt_case_is_kept():
     """StableDiffusion3Pipeline does not lower-case: the CLIP tokenizers do, T5's does not."""
-    r = recipe(256, 384)
+    r = P.recipe(256, 384)
     upper, lower = r.encode("A Cabin"), r.encode("a cabin")
     assert torch.equal(upper[0][:, :77], lower[0][:, :77]) and torch.equal(upper[1], lower[1])
     assert not torch.equal(upper[0][:, 77:], lower[0][:, 77:])
@@ -111,7 +86,7 @@ def test_fp16_backbone_runs_t5_in_bf16():
 
 
 def test_decode_gives_images():
-    images = recipe(256, 384).decode(torch.randn(1, 16, 32, 48))
+    images = P.recipe(256, 384).decode(torch.randn(1, 16, 32, 48))
     assert images.shape == (1, 256, 384, 3) and images.dtype.name == "uint8"
 
 
