@@ -20,8 +20,8 @@ own. Step 0 finds the groups: its small captures wait (at most `FLUSH_BYTES` of 
 size and dtype become one group. Each group has two buffers, used in alternate steps, so the previous
 step's values are at hand; they stay on the device (they are small). Larger captures are reduced as they
 arrive, and the recorder keeps a reference to the model's tensor (no copy) until the next step's arrives,
-or a host copy with `prev_on_host`: it holds one step of K, V and A, plus a float32 work copy of one
-capture while reducing it.
+or a host copy with `prev_on_host`: it holds one step of K, V and A, plus one float32 work buffer per
+capture shape.
 
 Usage, around a sampling loop whose backbone is `model`:
 
