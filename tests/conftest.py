@@ -14,17 +14,15 @@ from safetensors.torch import load_file, save_file
 from minidit.models.dit import DiT, DiTConfig, save_hub_config
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent / "reference"))  # the generators import generator_tools
+import generator_tools  # noqa: E402
+
 FIXTURES = Path(__file__).parent / "fixtures" / "dit"
 
 
 def reference_generator(stem: str = "generate"):
     """tests/reference/<stem>.py as a module (the reference libraries are imported only inside its functions)."""
-    name = f"minidit_tests_reference_{stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "reference" / f"{stem}.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return generator_tools.generator(stem)
 
 
 class TinyPipeline:

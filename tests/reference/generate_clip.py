@@ -39,9 +39,9 @@ Functions here are also used by the tests' "live" cases; transformers is importe
 """
 
 import json
-import sys
 from pathlib import Path
 
+import generator_tools as tools
 import torch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "clip"
@@ -193,18 +193,13 @@ def tiny_model(name: str, seed: int):
     return model
 
 
-def write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-
-
 def write_folder(name: str, model) -> None:
     """config.json and model.safetensors as the Hub has them: prefixed keys, the file's dtype, no position_ids."""
     from safetensors.torch import save_file
 
     folder = FIXTURES / name
     dtype = DTYPES[FOLDERS[name][1]]
-    write_json(folder / "config.json", tiny_config(name))
+    tools.write_json(folder / "config.json", tiny_config(name))
     sd = {k: v.to(dtype).contiguous() for k, v in hub_state_dict(model).items()}
     assert all(k.startswith(PREFIX) or k == "text_projection.weight" for k in sd)
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
@@ -222,14 +217,6 @@ def write_fullsize() -> None:
                        f'  "config": {json.dumps(config)},\n  "parameters": {count},\n'
                        f'  "keys": {{\n{table}\n  }}\n }}')
     (FIXTURES / "fullsize.json").write_text("{\n" + ",\n".join(entries) + "\n}\n", encoding="utf-8")
-
-
-def versions() -> dict:
-    import safetensors
-    import transformers
-
-    return {"transformers": transformers.__version__, "torch": torch.__version__,
-            "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
 
 
 def main() -> None:
@@ -269,7 +256,7 @@ def main() -> None:
     save_file(tensors, REFERENCE, metadata={"generator": "tests/reference/generate_clip.py"})
 
     write_fullsize()
-    write_json(FIXTURES / "VERSIONS.json", versions())
+    tools.write_json(FIXTURES / "VERSIONS.json", tools.versions("transformers", "torch", "safetensors"))
     total = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
     print(f"wrote {FIXTURES} ({total / 1e6:.2f} MB)")
 

@@ -32,11 +32,10 @@ Functions here are also used by the tests' "live" cases; diffusers is imported i
 
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
+import generator_tools as tools
 import torch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "dpm_solver"
@@ -108,14 +107,6 @@ def dpm_reference(config: dict, steps: int, sample: torch.Tensor, noise: torch.T
             "alphas_cumprod": scheduler.alphas_cumprod.clone(), "samples": torch.stack(samples)}
 
 
-def versions() -> dict:
-    import diffusers
-    import safetensors
-
-    return {"diffusers": diffusers.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
-
-
 def main() -> None:
     from safetensors.torch import save_file
 
@@ -138,7 +129,7 @@ def main() -> None:
     metadata = {"cases": CASES, "steps": STEPS}
     save_file({k: v.contiguous() for k, v in sorted(ref.items())}, REFERENCE,
               metadata={"reference": json.dumps(metadata, sort_keys=True)})
-    (FIXTURES / "VERSIONS.json").write_text(json.dumps(versions(), indent=2) + "\n")
+    tools.write_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "torch", "numpy", "safetensors"))
     total = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
     print(f"wrote {FIXTURES} ({total / 1e6:.2f} MB)")
 

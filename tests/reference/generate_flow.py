@@ -37,10 +37,10 @@ Functions here are also used by the tests' "live" cases; diffusers is imported i
 
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
+import generator_tools as tools
 import numpy as np
 import torch
 
@@ -177,15 +177,6 @@ def sigma_range(config: str) -> torch.Tensor:
     return torch.tensor([scheduler.sigma_max, scheduler.sigma_min], dtype=torch.float64)
 
 
-def versions() -> dict:
-    import diffusers
-    import safetensors
-    import transformers
-
-    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "numpy": np.__version__, "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
-
-
 def main() -> None:
     from safetensors.torch import save_file
 
@@ -216,7 +207,8 @@ def main() -> None:
     metadata = {"configs": CONFIGS, "cases": CASES, "steps": STEPS, "resolutions": RESOLUTIONS}
     save_file({k: v.contiguous() for k, v in sorted(ref.items())}, REFERENCE,
               metadata={"reference": json.dumps(metadata, sort_keys=True)})
-    (FIXTURES / "VERSIONS.json").write_text(json.dumps(versions(), indent=2) + "\n")
+    versions = tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors")
+    tools.write_json(FIXTURES / "VERSIONS.json", versions)
     total = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
     print(f"wrote {FIXTURES} ({total / 1e6:.2f} MB)")
 

@@ -28,11 +28,12 @@ vocab.json), the first 486 merges (ids 512..997, as in the real file), then <|st
 Functions here are also used by the tests' "live" cases; diffusers is imported inside the functions that need it.
 """
 
+import functools
 import json
 import shutil
-import sys
 from pathlib import Path
 
+import generator_tools as tools
 import numpy as np
 import torch
 
@@ -85,6 +86,8 @@ PIPELINE_GUIDANCE = 3.5
 PIPELINE_SEED = 0
 SD3_STEPS = (4, 28)
 
+write_json = functools.partial(tools.write_json, sort_keys=True)  # diffusers' JSON files have sorted keys
+
 
 def _quiet_diffusers():
     import diffusers
@@ -93,11 +96,6 @@ def _quiet_diffusers():
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     return diffusers
-
-
-def write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def write_clip_tokenizer(folder: Path) -> None:
@@ -232,16 +230,6 @@ def reference_sd3_sigmas(steps: int) -> torch.Tensor:
     return scheduler.sigmas[:-1].clone()
 
 
-def versions() -> dict:
-    import diffusers
-    import numpy
-    import safetensors
-    import transformers
-
-    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
-
-
 def main() -> None:
     from safetensors.torch import save_file
 
@@ -256,7 +244,7 @@ def main() -> None:
     for steps in SD3_STEPS:
         tensors[f"sd3/{steps}/sigmas"] = reference_sd3_sigmas(steps)
     save_file(tensors, REFERENCE)
-    write_json(FIXTURES / "VERSIONS.json", versions())
+    write_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors"))
     print(f"wrote {FIXTURES}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
 

@@ -23,11 +23,12 @@ It writes, under tests/fixtures/mmdit/ (the run is deterministic):
 The single files are written from the diffusers state dicts by code independent of minidit's rename tables.
 """
 
+import functools
 import json
 import shutil
-import sys
 from pathlib import Path
 
+import generator_tools as tools
 import torch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mmdit"
@@ -55,17 +56,14 @@ RMS_NORMS = ("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_adde
 SD3_LATENTS, SD3_TEXT = (2, 16, 6, 10), 7  # a 3 x 5 patch grid, cropped from the 12 x 12 table
 FLUX_GRID, FLUX_TEXT = (3, 5), 6  # packed tokens: a 3 x 5 grid of 2x2 patches (a 6 x 10 latent)
 
+write_json = functools.partial(tools.write_json, sort_keys=True)  # diffusers' JSON files have sorted keys
+
 
 def _quiet_diffusers():
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
     return diffusers
-
-
-def write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def class_config(hub: dict) -> dict:
@@ -276,14 +274,6 @@ def fullsize_tables() -> dict:
     return tables
 
 
-def versions() -> dict:
-    import diffusers
-    import safetensors
-
-    return {"diffusers": diffusers.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
-            "python": sys.version.split()[0]}
-
-
 def main() -> None:
     from safetensors.torch import save_file
 
@@ -311,7 +301,7 @@ def main() -> None:
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, REFERENCE)
     (FIXTURES / "fullsize.json").write_text(json.dumps(fullsize_tables()) + "\n")
-    write_json(FIXTURES / "VERSIONS.json", versions())
+    write_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "torch", "safetensors"))
     print(f"wrote {FIXTURES}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items() if k.endswith("out")))
 
 

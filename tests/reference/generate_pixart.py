@@ -26,11 +26,12 @@ It writes, under tests/fixtures/pixart/ (the run is deterministic):
 Functions here are also used by the tests' "live" cases; diffusers is imported inside the functions that need it.
 """
 
+import functools
 import json
 import shutil
-import sys
 from pathlib import Path
 
+import generator_tools as tools
 import torch
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures"
@@ -89,6 +90,8 @@ PIPELINE_STEPS = 4
 PIPELINE_GUIDANCE = 4.5
 PIPELINE_SEED = 0
 
+write_json = functools.partial(tools.write_json, sort_keys=True)  # diffusers' JSON files have sorted keys
+
 
 def _quiet_diffusers():
     import diffusers
@@ -97,11 +100,6 @@ def _quiet_diffusers():
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     return diffusers
-
-
-def write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def hub_transformer_config(sample_size: int, tiny: bool = True) -> dict:
@@ -262,16 +260,6 @@ def fullsize_tables() -> dict:
     return tables
 
 
-def versions() -> dict:
-    import diffusers
-    import numpy
-    import safetensors
-    import transformers
-
-    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
-
-
 def main() -> None:
     from safetensors.torch import save_file
 
@@ -310,7 +298,7 @@ def main() -> None:
 
     save_file(tensors, REFERENCE)
     (FIXTURES / "fullsize.json").write_text(json.dumps(fullsize_tables()) + "\n")
-    write_json(FIXTURES / "VERSIONS.json", versions())
+    write_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors"))
     print(f"wrote {FIXTURES}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items() if "out" in k or
                                             "latents" in k))
 

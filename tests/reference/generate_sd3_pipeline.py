@@ -30,12 +30,12 @@ finds it whichever pad token follows.
 Functions here are also used by the tests' "live" cases; diffusers is imported inside the functions that need it.
 """
 
-import importlib.util
+import functools
 import json
 import shutil
-import sys
 from pathlib import Path
 
+import generator_tools as tools
 import torch
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures"
@@ -91,14 +91,7 @@ PIPELINE_STEPS = 4
 PIPELINE_GUIDANCE = 7.0
 PIPELINE_SEED = 0
 
-
-def _module(stem: str):
-    name = f"minidit_tests_reference_{stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / f"{stem}.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+write_json = functools.partial(tools.write_json, sort_keys=True)  # diffusers' JSON files have sorted keys
 
 
 def _quiet_diffusers():
@@ -110,14 +103,9 @@ def _quiet_diffusers():
     return diffusers
 
 
-def write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-
-
 def write_clip_tokenizers(folder: Path) -> None:
     """tokenizer/ (pad <|endoftext|>) and tokenizer_2/ (pad "!"): the real BPE cut to 1000 ids."""
-    flux = _module("generate_flux_pipeline")
+    flux = tools.generator("generate_flux_pipeline")
     flux.write_clip_tokenizer(folder / "tokenizer")
     (folder / "tokenizer_2").mkdir()
     for name in ("vocab.json", "merges.txt"):
@@ -135,7 +123,7 @@ def write_clip_encoder(folder: Path, name: str, seed: int) -> None:
     import transformers
     from safetensors.torch import save_file
 
-    clip = _module("generate_clip")
+    clip = tools.generator("generate_clip")
     config = clip.hub_config("CLIPTextModelWithProjection", {**CLIP_FOLDERS[name], "vocab_size": clip.VOCAB},
                              "float16", CLIP_TRANSFORMERS_VERSION)
     torch.manual_seed(seed)
@@ -149,7 +137,7 @@ def write_clip_encoder(folder: Path, name: str, seed: int) -> None:
             elif "embedding" in key:
                 p.normal_(0, 0.5)
     sd = clip.hub_state_dict(model)
-    clip.write_json(folder / "config.json", config)
+    tools.write_json(folder / "config.json", config)
     save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, folder / "model.safetensors",
               metadata={"format": "pt"})
 
@@ -187,7 +175,7 @@ def write_vae(folder: Path) -> None:
 
 
 def write_pipeline_folder(folder: Path) -> None:
-    flux = _module("generate_flux_pipeline")
+    flux = tools.generator("generate_flux_pipeline")
     write_json(folder / "model_index.json", MODEL_INDEX)
     (folder / "scheduler").mkdir()
     shutil.copy(SCHEDULERS / "stable-diffusion-3-medium-diffusers" / "scheduler" / "scheduler_config.json",
@@ -223,16 +211,6 @@ def reference_pipeline(folder: Path, height: int | None, width: int | None, sche
                 height=height, width=width, generator=generator, output_type="latent", **extra).images
 
 
-def versions() -> dict:
-    import diffusers
-    import numpy
-    import safetensors
-    import transformers
-
-    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
-
-
 def main() -> None:
     from safetensors.torch import save_file
 
@@ -245,7 +223,7 @@ def main() -> None:
     for case, (height, width, schedule) in PIPELINE_CASES.items():
         tensors[f"pipeline/{case}/latents"] = reference_pipeline(FOLDER, height, width, schedule).contiguous()
     save_file(tensors, REFERENCE)
-    write_json(FIXTURES / "VERSIONS.json", versions())
+    write_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors"))
     print(f"wrote {FIXTURES}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
 
