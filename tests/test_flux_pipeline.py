@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 from conftest import SOURCES, TinyPipeline
+from generator_tools import write_sorted_json
 
 from minidit import weights
 from minidit.errors import MiniditError
@@ -113,7 +114,7 @@ def test_schnell_defaults(tmp_path):
     shutil.copy(G.SCHEDULERS / "FLUX.1-schnell" / "scheduler" / "scheduler_config.json", folder / "scheduler")
     transformer = folder / "transformer"
     config = weights.read_json(transformer / "config.json")
-    G.write_json(transformer / "config.json", {**config, "guidance_embeds": False})
+    write_sorted_json(transformer / "config.json", {**config, "guidance_embeds": False})
     sd = weights.load_folder(transformer, torch.bfloat16)
     for p in transformer.glob("*.safetensors*"):
         p.unlink()

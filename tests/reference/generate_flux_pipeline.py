@@ -28,7 +28,6 @@ vocab.json), the first 486 merges (ids 512..997, as in the real file), then <|st
 Functions here are also used by the tests' "live" cases; diffusers is imported inside the functions that need it.
 """
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -86,17 +85,6 @@ PIPELINE_GUIDANCE = 3.5
 PIPELINE_SEED = 0
 SD3_STEPS = (4, 28)
 
-write_json = functools.partial(tools.write_json, sort_keys=True)  # diffusers' JSON files have sorted keys
-
-
-def _quiet_diffusers():
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    return diffusers
-
 
 def write_clip_tokenizer(folder: Path) -> None:
     """The real CLIP BPE files cut to CLIP_VOCAB ids (see the module docstring)."""
@@ -113,7 +101,7 @@ def write_clip_tokenizer(folder: Path) -> None:
     config = json.loads((CLIP_TOKENIZER / "tokenizer_config.json").read_text())
     config["added_tokens_decoder"] = {str(CLIP_VOCAB - 2 + i): v for i, v in
                                       enumerate(config["added_tokens_decoder"].values())}
-    write_json(folder / "tokenizer_config.json", config)
+    tools.write_sorted_json(folder / "tokenizer_config.json", config)
 
 
 def write_t5_tokenizer(folder: Path) -> None:
@@ -142,7 +130,7 @@ def write_text_encoder_2(folder: Path) -> None:
 
 def write_transformer(folder: Path) -> None:
     """diffusers' FluxTransformer2DModel with seeded weights, in bf16 (as the Hub's), three shards plus the index."""
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     config = {**HUB_TRANSFORMER, **TINY}
     torch.manual_seed(SEED)
     model = diffusers.FluxTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
@@ -153,7 +141,7 @@ def write_transformer(folder: Path) -> None:
     model = model.to(torch.bfloat16)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(folder, max_shard_size=f"{size * 4 // 10 // 1000}KB", safe_serialization=True)
-    write_json(folder / "config.json", config)
+    tools.write_sorted_json(folder / "config.json", config)
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     assert shards == [f"diffusion_pytorch_model-0000{i}-of-0000{TRANSFORMER_SHARDS}.safetensors"
                       for i in range(1, TRANSFORMER_SHARDS + 1)], shards
@@ -162,20 +150,20 @@ def write_transformer(folder: Path) -> None:
 def write_vae(folder: Path) -> None:
     from safetensors.torch import save_file
 
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     torch.manual_seed(SEED + 1)
     vae = diffusers.AutoencoderKL.from_config({k: v for k, v in TINY_VAE.items() if not k.startswith("_")})
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if "norm" in name:
                 p.add_(0.2 * torch.randn_like(p))
-    write_json(folder / "config.json", TINY_VAE)
+    tools.write_sorted_json(folder / "config.json", TINY_VAE)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors",
               metadata={"format": "pt"})
 
 
 def write_pipeline_folder(folder: Path) -> None:
-    write_json(folder / "model_index.json", MODEL_INDEX)
+    tools.write_sorted_json(folder / "model_index.json", MODEL_INDEX)
     assert (folder / "model_index.json").stat().st_size == MODEL_INDEX_SIZE
     (folder / "scheduler").mkdir()
     shutil.copy(SCHEDULERS / "FLUX.1-dev" / "scheduler" / "scheduler_config.json", folder / "scheduler")
@@ -189,7 +177,7 @@ def write_pipeline_folder(folder: Path) -> None:
 
 def sd3_scheduler():
     folder = SCHEDULERS / "stable-diffusion-3-medium-diffusers" / "scheduler"
-    return _quiet_diffusers().FlowMatchEulerDiscreteScheduler.from_pretrained(folder)
+    return tools.quiet_diffusers().FlowMatchEulerDiscreteScheduler.from_pretrained(folder)
 
 
 def sd3_base_sigmas(steps: int) -> np.ndarray:
@@ -208,7 +196,7 @@ def reference_pipeline(folder: Path, height: int | None, width: int | None, sche
     shifting). NOTE: set_timesteps casts passed sigmas to float32 *before* shifting, while set_timesteps(N) shifts
     the float64 grid, so these sigmas may differ from SD3's by an ulp (see the tests' tolerance).
     """
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     pipe = diffusers.FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     extra = {}
@@ -244,7 +232,8 @@ def main() -> None:
     for steps in SD3_STEPS:
         tensors[f"sd3/{steps}/sigmas"] = reference_sd3_sigmas(steps)
     save_file(tensors, REFERENCE)
-    write_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors"))
+    versions = tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors")
+    tools.write_sorted_json(FIXTURES / "VERSIONS.json", versions)
     print(f"wrote {FIXTURES}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
 

@@ -23,7 +23,6 @@ It writes, under tests/fixtures/mmdit/ (the run is deterministic):
 The single files are written from the diffusers state dicts by code independent of minidit's rename tables.
 """
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -55,8 +54,6 @@ RMS_NORMS = ("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_adde
 # cases: batch 2, non-square latents, text length
 SD3_LATENTS, SD3_TEXT = (2, 16, 6, 10), 7  # a 3 x 5 patch grid, cropped from the 12 x 12 table
 FLUX_GRID, FLUX_TEXT = (3, 5), 6  # packed tokens: a 3 x 5 grid of 2x2 patches (a 6 x 10 latent)
-
-write_json = functools.partial(tools.write_json, sort_keys=True)  # diffusers' JSON files have sorted keys
 
 
 def _quiet_diffusers():
@@ -234,7 +231,7 @@ def save(path: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
 
 
 def write_sd3(folder: Path, model) -> None:
-    write_json(folder / "transformer" / "config.json", {**SD3_HUB, **SD3_TINY})
+    tools.write_sorted_json(folder / "transformer" / "config.json", {**SD3_HUB, **SD3_TINY})
     sd = model.state_dict()
     save(folder / "transformer" / "diffusion_pytorch_model.safetensors", sd, torch.float16)
     save(folder / "sd3_tiny.safetensors", sd3_single_file(sd, SD3_TINY["num_layers"]), torch.float16)
@@ -242,7 +239,7 @@ def write_sd3(folder: Path, model) -> None:
 
 def write_flux(folder: Path, model, hub: dict) -> None:
     """The transformer in three bf16 shards plus the index, as the Hub's FLUX.1 folders hold it."""
-    write_json(folder / "transformer" / "config.json", hub)
+    tools.write_sorted_json(folder / "transformer" / "config.json", hub)
     sd = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     total = sum(v.numel() * v.element_size() for v in sd.values())
     weight_map, filled = {}, 0  # sorted keys, cut into FLUX_SHARDS runs of about equal size
@@ -254,7 +251,7 @@ def write_flux(folder: Path, model, hub: dict) -> None:
     for filename in sorted(set(weight_map.values())):
         save(folder / "transformer" / filename, {k: sd[k] for k, f in weight_map.items() if f == filename},
              torch.bfloat16)
-    write_json(folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json",
+    tools.write_sorted_json(folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json",
                {"metadata": {"total_size": total}, "weight_map": weight_map})
     cfg = {**FLUX_HUB, **FLUX_TINY, **{k: v for k, v in hub.items() if not k.startswith("_")}}
     save(folder / "flux1-tiny.safetensors", flux_single_file(sd, cfg), torch.bfloat16)
@@ -301,7 +298,7 @@ def main() -> None:
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, REFERENCE)
     (FIXTURES / "fullsize.json").write_text(json.dumps(fullsize_tables()) + "\n")
-    write_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "torch", "safetensors"))
+    tools.write_sorted_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "torch", "safetensors"))
     print(f"wrote {FIXTURES}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items() if k.endswith("out")))
 
 

@@ -26,7 +26,6 @@ It writes, under tests/fixtures/pixart/ (the run is deterministic):
 Functions here are also used by the tests' "live" cases; diffusers is imported inside the functions that need it.
 """
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -90,17 +89,6 @@ PIPELINE_STEPS = 4
 PIPELINE_GUIDANCE = 4.5
 PIPELINE_SEED = 0
 
-write_json = functools.partial(tools.write_json, sort_keys=True)  # diffusers' JSON files have sorted keys
-
-
-def _quiet_diffusers():
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    return diffusers
-
 
 def hub_transformer_config(sample_size: int, tiny: bool = True) -> dict:
     shrink = {**TINY, "num_layers": TINY_LAYERS[sample_size]} if tiny else {}
@@ -109,7 +97,7 @@ def hub_transformer_config(sample_size: int, tiny: bool = True) -> dict:
 
 def build_transformer(sample_size: int):
     """diffusers' PixArt transformer from the Hub config form, with seeded random weights."""
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     config = {k: v for k, v in hub_transformer_config(sample_size).items() if not k.startswith("_")}
     torch.manual_seed(SEED + sample_size)
     model = diffusers.PixArtTransformer2DModel.from_config(config).eval()
@@ -120,7 +108,7 @@ def build_transformer(sample_size: int):
 
 
 def load_transformer(folder: Path):
-    return _quiet_diffusers().PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    return tools.quiet_diffusers().PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
 
 
 def model_inputs(variant: str, masked: bool) -> dict[str, torch.Tensor]:
@@ -187,7 +175,7 @@ def to_original(sd: dict[str, torch.Tensor], generator: torch.Generator) -> dict
 def write_transformer(folder: Path, model, sample_size: int) -> None:
     from safetensors.torch import save_file
 
-    write_json(folder / "config.json", hub_transformer_config(sample_size))
+    tools.write_sorted_json(folder / "config.json", hub_transformer_config(sample_size))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
 
@@ -207,20 +195,20 @@ def write_text_encoder(folder: Path) -> None:
 def write_vae(folder: Path) -> None:
     from safetensors.torch import save_file
 
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     torch.manual_seed(SEED + 2)
     vae = diffusers.AutoencoderKL.from_config({k: v for k, v in TINY_VAE.items() if not k.startswith("_")})
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if "norm" in name:
                 p.add_(0.2 * torch.randn_like(p))
-    write_json(folder / "config.json", TINY_VAE)
+    tools.write_sorted_json(folder / "config.json", TINY_VAE)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors",
               metadata={"format": "pt"})
 
 
 def write_pipeline_folder(folder: Path, transformer) -> None:
-    write_json(folder / "model_index.json", MODEL_INDEX)
+    tools.write_sorted_json(folder / "model_index.json", MODEL_INDEX)
     (folder / "scheduler").mkdir(parents=True)
     shutil.copy(DPM_CONFIG, folder / "scheduler" / "scheduler_config.json")
     shutil.copytree(T5_TINY / "tokenizer", folder / "tokenizer")
@@ -232,7 +220,7 @@ def write_pipeline_folder(folder: Path, transformer) -> None:
 @torch.no_grad()
 def reference_pipeline(folder: Path, height: int | None, width: int | None) -> torch.Tensor:
     """PixArtAlphaPipeline's final latents (output_type="latent"), in fp32 on the CPU."""
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     pipe = diffusers.PixArtAlphaPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(PIPELINE_SEED)
@@ -248,7 +236,7 @@ def reference_resize_and_crop(images: torch.Tensor, height: int, width: int) -> 
 
 def fullsize_tables() -> dict:
     """Full-size PixArt transformers on the meta device: parameter counts, key names and shapes."""
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     tables = {}
     for name, sample_size in (("PixArt-XL-2-1024-MS", 128), ("PixArt-XL-2-512x512", 64)):
         config = {k: v for k, v in hub_transformer_config(sample_size, tiny=False).items() if not k.startswith("_")}
@@ -298,7 +286,8 @@ def main() -> None:
 
     save_file(tensors, REFERENCE)
     (FIXTURES / "fullsize.json").write_text(json.dumps(fullsize_tables()) + "\n")
-    write_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors"))
+    versions = tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors")
+    tools.write_sorted_json(FIXTURES / "VERSIONS.json", versions)
     print(f"wrote {FIXTURES}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items() if "out" in k or
                                             "latents" in k))
 

@@ -30,7 +30,6 @@ finds it whichever pad token follows.
 Functions here are also used by the tests' "live" cases; diffusers is imported inside the functions that need it.
 """
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -91,17 +90,6 @@ PIPELINE_STEPS = 4
 PIPELINE_GUIDANCE = 7.0
 PIPELINE_SEED = 0
 
-write_json = functools.partial(tools.write_json, sort_keys=True)  # diffusers' JSON files have sorted keys
-
-
-def _quiet_diffusers():
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    return diffusers
-
 
 def write_clip_tokenizers(folder: Path) -> None:
     """tokenizer/ (pad <|endoftext|>) and tokenizer_2/ (pad "!"): the real BPE cut to 1000 ids."""
@@ -115,7 +103,7 @@ def write_clip_tokenizers(folder: Path) -> None:
     vocab = flux.CLIP_VOCAB
     config["added_tokens_decoder"] = {{"0": "0", "49406": str(vocab - 2), "49407": str(vocab - 1)}[k]: v
                                       for k, v in config["added_tokens_decoder"].items()}
-    write_json(folder / "tokenizer_2" / "tokenizer_config.json", config)
+    tools.write_sorted_json(folder / "tokenizer_2" / "tokenizer_config.json", config)
 
 
 def write_clip_encoder(folder: Path, name: str, seed: int) -> None:
@@ -146,7 +134,7 @@ def write_transformer(folder: Path) -> None:
     """diffusers' SD3Transformer2DModel with seeded weights (adaLN included), one fp16 file as the Hub's."""
     from safetensors.torch import save_file
 
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     config = {**HUB_TRANSFORMER, **TINY}
     torch.manual_seed(SEED)
     model = diffusers.SD3Transformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
@@ -154,7 +142,7 @@ def write_transformer(folder: Path) -> None:
         for name, p in model.named_parameters():
             if "norm" in name or name.startswith("proj_out"):  # zero-initialised adaLN / output: make them move
                 p.normal_(0, 0.2)
-    write_json(folder / "config.json", config)
+    tools.write_sorted_json(folder / "config.json", config)
     save_file({k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()},
               folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
 
@@ -162,21 +150,21 @@ def write_transformer(folder: Path) -> None:
 def write_vae(folder: Path) -> None:
     from safetensors.torch import save_file
 
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     torch.manual_seed(SEED + 1)
     vae = diffusers.AutoencoderKL.from_config({k: v for k, v in TINY_VAE.items() if not k.startswith("_")})
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if "norm" in name:
                 p.add_(0.2 * torch.randn_like(p))
-    write_json(folder / "config.json", TINY_VAE)
+    tools.write_sorted_json(folder / "config.json", TINY_VAE)
     save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()},
               folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
 
 
 def write_pipeline_folder(folder: Path) -> None:
     flux = tools.generator("generate_flux_pipeline")
-    write_json(folder / "model_index.json", MODEL_INDEX)
+    tools.write_sorted_json(folder / "model_index.json", MODEL_INDEX)
     (folder / "scheduler").mkdir()
     shutil.copy(SCHEDULERS / "stable-diffusion-3-medium-diffusers" / "scheduler" / "scheduler_config.json",
                 folder / "scheduler")
@@ -198,7 +186,7 @@ def reference_pipeline(folder: Path, height: int | None, width: int | None, sche
     """
     import numpy as np
 
-    diffusers = _quiet_diffusers()
+    diffusers = tools.quiet_diffusers()
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     extra = {}
@@ -223,7 +211,8 @@ def main() -> None:
     for case, (height, width, schedule) in PIPELINE_CASES.items():
         tensors[f"pipeline/{case}/latents"] = reference_pipeline(FOLDER, height, width, schedule).contiguous()
     save_file(tensors, REFERENCE)
-    write_json(FIXTURES / "VERSIONS.json", tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors"))
+    versions = tools.versions("diffusers", "transformers", "torch", "numpy", "safetensors")
+    tools.write_sorted_json(FIXTURES / "VERSIONS.json", versions)
     print(f"wrote {FIXTURES}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
 

@@ -1,6 +1,7 @@
-"""What the fixture generators share: loading a sibling generator as a module, writing JSON files, and the
-library versions a fixture was made with (VERSIONS.json)."""
+"""What the fixture generators share: loading a sibling generator as a module, writing JSON files, quieting the
+reference libraries, and the library versions a fixture was made with (VERSIONS.json)."""
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -22,6 +23,19 @@ def write_json(path: Path, content: dict, **options) -> None:
     """Two-space-indented JSON and a final newline (`options` go to json.dumps, e.g. sort_keys=True)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=2, **options) + "\n", encoding="utf-8")
+
+
+write_sorted_json = functools.partial(write_json, sort_keys=True)  # diffusers writes its JSON files so
+
+
+def quiet_diffusers():
+    """diffusers (returned) and transformers with their warnings off: the tiny checkpoints trip several."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    return diffusers
 
 
 def versions(*packages: str) -> dict:
