@@ -226,6 +226,60 @@ def test_other_architectures_are_refused(tmp_path):
         load_clip(folder)
 
 
+# ---- transformers 5's layout: CLIPTextModel saved without the `text_model.` prefix ------------------------
+
+def without_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("text_model."): v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefixless_file_equals_the_hub_layout(tmp_path, dtype):
+    """FLUX's CLIP-L (no projection) with the prefix stripped, as transformers 5 writes it: bit-identical outputs."""
+    folder = copy_folder("flux/text_encoder", tmp_path, without_prefix)
+    assert not any(k.startswith("text_model.") for k in load_file(folder / "model.safetensors"))
+    with torch.no_grad():
+        out = load_clip(folder, dtype=dtype)(stored()["input_ids"])
+    hub = run("flux/text_encoder", dtype)
+    assert len(out.hidden_states) == len(hub.hidden_states)
+    for ours, theirs in zip((*out.hidden_states, out.last_hidden_state, out.pooled),
+                            (*hub.hidden_states, hub.last_hidden_state, hub.pooled)):
+        assert torch.equal(ours, theirs)
+
+
+def test_prefixless_mismatch_is_reported_in_hub_names(tmp_path):
+    folder = copy_folder("flux/text_encoder", tmp_path, lambda sd: without_prefix(
+        {k: v for k, v in sd.items() if k != "text_model.final_layer_norm.bias"}))
+    with pytest.raises(MiniditError, match=r"1 missing \(e.g. text_model.final_layer_norm.bias\)"):
+        load_clip(folder)
+
+
+def test_neither_layout_is_an_error(tmp_path):
+    folder = copy_folder("flux/text_encoder", tmp_path,
+                         lambda sd: {"model." + k: v for k, v in without_prefix(sd).items()})
+    with pytest.raises(MiniditError, match="neither text_model.embeddings.token_embedding.weight .* nor "
+                                           "embeddings.token_embedding.weight .*found model.embeddings"):
+        load_clip(folder)
+
+
+@LIVE
+@pytest.mark.parametrize("name", ["flux/text_encoder", "sd3/text_encoder"])
+def test_saved_by_installed_transformers(name, tmp_path):
+    """A tiny CLIPTextModel (FLUX's) and CLIPTextModelWithProjection (SD3's) written by the installed transformers'
+    save_pretrained load and give the outputs of its forward on the same files. transformers 5 writes the first
+    without the prefix."""
+    G.tiny_model(name, seed=1).float().save_pretrained(tmp_path)  # float(): the fp16 config builds mixed dtypes
+    with_prefix = name == "sd3/text_encoder"  # transformers 5 keeps it for CLIPTextModelWithProjection only
+    keys = load_file(tmp_path / "model.safetensors").keys() - {"text_projection.weight"}
+    assert all(k.startswith("text_model.") == with_prefix for k in keys), sorted(keys)[:3]
+    with torch.no_grad():
+        out = load_clip(tmp_path)(stored()["input_ids"])
+    reference = G.reference_outputs(G.reference_model(tmp_path), stored()["input_ids"])
+    for key in OUTPUTS:
+        if key in reference:
+            assert scaled_error(getattr(out, key), reference[key]) <= TOL[torch.float32], key  # measured: 0
+    assert (out.text_embeds is None) == ("text_embeds" not in reference)
+
+
 def test_bad_configs():
     with pytest.raises(MiniditError, match="hidden_act='gelu_new'"):
         CLIPTextConfig.from_hub({"hidden_act": "gelu_new"})

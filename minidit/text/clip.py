@@ -23,6 +23,10 @@ CLIP-L/14: D 768, 12 layers, 12 heads of 64, d_ff 3072, quick GELU: 196 tensors,
 GELU, with projection: 517 tensors, 694,659,840 parameters. Older files also hold
 `text_model.embeddings.position_ids` (an arange buffer); the loader ignores it.
 
+A second layout: transformers 5 saves CLIPTextModel's keys without the `text_model.` prefix
+(`embeddings.token_embedding.weight`; CLIPTextModelWithProjection keeps it), so an encoder re-saved with
+transformers 5 goes through `PREFIXLESS_TO_HUB` below. The token embedding's name tells the two layouts apart.
+
 The model:
 - pre-LN transformer blocks with a causal mask (token i attends to tokens 0..i), scores scaled by 1/sqrt(Dh);
 - `hidden_states` = (embeddings, output of layer 1, ..., output of layer N); `last_hidden_state` is the final
@@ -45,6 +49,15 @@ from minidit.attention import attention
 from minidit.errors import MiniditError
 
 PROJECTION_KEY = "text_projection.weight"
+# transformers 5's CLIPTextModel file -> the Hub layout, by top-level module: the `text_model.` prefix restored
+PREFIXLESS_TO_HUB = {
+    "embeddings.": "text_model.embeddings.",
+    "encoder.": "text_model.encoder.",
+    "final_layer_norm.": "text_model.final_layer_norm.",
+}
+# a tensor every CLIP text file holds, under its name in each layout: it tells the two apart
+TOKEN_EMBEDDING = {"hub": "text_model.embeddings.token_embedding.weight",
+                   "prefix-less": "embeddings.token_embedding.weight"}
 ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}  # class name -> has a projection
 # NOTE(official): configs written before transformers PR #24773 (all of SD3's and FLUX's) carry eos_token_id 2
 # instead of 49407; transformers keeps their original pooling rule for exactly this value (see `eos_positions`).
@@ -254,14 +267,37 @@ def has_projection(config: dict, sd: dict[str, torch.Tensor], source: str) -> bo
     return projection
 
 
+def prefixless_to_hub(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename transformers 5's CLIPTextModel keys into the Hub layout; keys of no listed module stay as they are
+    (the strict load then reports them)."""
+    out = {}
+    for key, tensor in sd.items():
+        module = next((m for m in PREFIXLESS_TO_HUB if key.startswith(m)), None)
+        out[PREFIXLESS_TO_HUB[module] + key.removeprefix(module) if module else key] = tensor
+    return out
+
+
+def hub_layout(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The state dict in the Hub layout: as it is, or renamed from transformers 5's prefix-less layout."""
+    if TOKEN_EMBEDDING["hub"] in sd:
+        return sd
+    if TOKEN_EMBEDDING["prefix-less"] in sd:
+        return prefixless_to_hub(sd)
+    raise MiniditError(f"{source} is not a CLIP text encoder in a layout minidit reads: it has neither "
+                       f"{TOKEN_EMBEDDING['hub']} (the Hub's files) nor {TOKEN_EMBEDDING['prefix-less']} "
+                       f"(CLIPTextModel saved by transformers 5); found {', '.join(sorted(sd)[:3]) or 'no tensors'}")
+
+
 def load_clip(folder: str | Path, *, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu") -> CLIPText:
-    """Load a CLIP text encoder from a Hub-layout `text_encoder/` folder (config.json, model.safetensors)."""
+    """Load a CLIP text encoder from a Hub-layout `text_encoder/` folder (config.json, model.safetensors), its
+    weights in the Hub's key layout or in transformers 5's prefix-less one."""
     check_dtype(dtype)
     folder = Path(folder)
     config = weights.read_json(folder / "config.json")
     cfg = CLIPTextConfig.from_hub(config)
-    sd = {k: v for k, v in weights.load_folder(folder, dtype).items() if not k.endswith(".position_ids")}
+    sd = hub_layout(weights.load_folder(folder, dtype), str(folder))
+    sd = {k: v for k, v in sd.items() if not k.endswith(".position_ids")}
     with torch.device("meta"):
         model = CLIPText(cfg, projection=has_projection(config, sd, str(folder)))
     weights.load_into(model, sd, dtype=dtype, device=device, source=str(folder))
