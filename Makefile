@@ -35,6 +35,7 @@ fixtures:  # regenerate tests/fixtures from the reference implementations (needs
 	$(PYTHON) tests/reference/generate_clip_tokenizer.py  # pip-downloads open_clip_torch for OpenAI's BPE merges
 	$(PYTHON) tests/reference/generate_flux_pipeline.py  # after clip, clip_tokenizer, t5, flow
 	$(PYTHON) tests/reference/generate_sd3_pipeline.py  # after generate_flux_pipeline: reuses its writers
+	$(PYTHON) tests/reference/generate_captures.py  # after generate, generate_pixart, generate_mmdit: reads their weights
 
 train-tiny:  # retrain the embedded weights/dit-tiny (about 25 minutes on 2 CPU cores)
 	$(PYTHON) -m minidit.train_tiny
