@@ -63,21 +63,42 @@ def read_prompts(path: str | None, num: int | None, default: list[str]) -> tuple
     if path is None:
         prompts, source = default, "default"
     else:
-        file = Path(path)
-        if not file.is_file():
-            raise MiniditError(f"prompt file {file} does not exist: pass a UTF-8 text file, one prompt per line")
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise MiniditError(f"prompt file {file} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-        prompts, source = [line.strip() for line in text.splitlines() if line.strip()], str(file)
-        if not prompts:
-            raise MiniditError(f"prompt file {file} has no prompts: write one prompt per line")
+        prompts, source = read_prompt_file(Path(path)), str(Path(path))
     if num is not None:
         if num > len(prompts):
             raise MiniditError(f"--num-prompts {num} asks for more prompts than the {len(prompts)} available")
         prompts = prompts[:num]
     return prompts, source
+
+
+def read_prompt_file(file: Path) -> list[str]:
+    if file.is_dir():
+        raise MiniditError(f"prompt file {file} is a folder: pass a UTF-8 text file, one prompt per line")
+    if not file.is_file():
+        raise MiniditError(f"prompt file {file} does not exist: pass a UTF-8 text file, one prompt per line")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MiniditError(f"prompt file {file} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise MiniditError(f"cannot read prompt file {file}: {e.strerror}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise MiniditError(f"prompt file {file} has no prompts: write one prompt per line")
+    return prompts
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Fail on an unusable --prompts, --weights or --out before any weights are loaded."""
+    from minidit.analysis.rundir import check_creatable
+
+    if args.prompts is not None:
+        read_prompts(args.prompts, args.num_prompts, [])
+    if args.weights is not None and Path(args.weights).exists() and not Path(args.weights).is_dir():
+        raise MiniditError(f"--weights {args.weights} is a file, not a folder: pass the folder that holds the model "
+                           f"in its Hub layout (model_index.json and one folder per component)")
+    if args.out is not None:
+        check_creatable(Path(args.out))
 
 
 def default_device() -> str:
@@ -100,8 +121,7 @@ def analyze(args: argparse.Namespace) -> Path:
     if scheduler_name not in family.schedulers:
         raise MiniditError(f"{spec.name} has no scheduler {scheduler_name!r}; choose one of "
                            f"{', '.join(family.schedulers)}")
-    if args.prompts is not None:
-        read_prompts(args.prompts, args.num_prompts, [])  # fail on a bad prompt file before loading weights
+    check_paths(args)
     device = args.device or default_device()
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     folder = resolve_weights(spec, args.weights, args.revision, args.download_dir)
@@ -176,19 +196,21 @@ def compare(args: argparse.Namespace) -> Path:
 
     from minidit.analysis import read_run
     from minidit.analysis.figures import compare as compare_figure
+    from minidit.analysis.rundir import atomic_file, check_creatable, make_folder
 
     if not args.out:
         raise MiniditError("--compare needs --out DIR for the comparison figures")
     labels = args.labels or [Path(r).name for r in args.compare]
     if len(labels) != len(args.compare):
         raise MiniditError(f"--labels gives {len(labels)} labels for {len(args.compare)} runs")
-    runs = [read_run(r) for r in args.compare]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_creatable(out)
+    runs = [read_run(r) for r in args.compare]
+    make_folder(out)
     rows = []
     for metric in ("l1", "rel_l1"):
         rows += compare_figure(runs, labels, metric, out / f"compare_{metric}.png")
-    with (out / "compare.csv").open("w", newline="") as f:
+    with atomic_file(out / "compare.csv", text=True, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -207,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             analyze(args)
     except MiniditError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file-system failure at a place that does not report its own
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished prompts are saved; rerun the same command with --resume to continue",

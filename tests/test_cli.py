@@ -1,9 +1,15 @@
 """analyze.py on bad input: one clear line, exit code 2, no traceback, an existing run directory untouched."""
 
+import contextlib
+import errno
 import hashlib
 import importlib.util
+import os
 import shutil
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, write_dit_folder
 
@@ -142,3 +148,175 @@ def test_argparse_errors_are_one_line(capsys):
         analyze.main(["--steps", "many"])
     assert exit_info.value.code == 2
     assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+# ---- file-system errors: paths that cannot be read or written -------------------------------------------
+
+NOBODY = 65534  # the conventional uid of `nobody`: owns nothing here
+DENIED = os.strerror(errno.EACCES)  # "Permission denied"
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """Permission bits do not bind root: as root, run the block as `nobody` (real and effective uid; the saved uid
+    stays root's, so the block's end restores it), so that the kernel itself refuses. Other users run it as is."""
+    if os.geteuid() != 0:
+        yield
+        return
+    if not hasattr(os, "setresuid"):
+        pytest.skip("running as root on a system without setresuid: cannot drop privileges for this test")
+    os.setresuid(NOBODY, NOBODY, 0)
+    try:
+        yield
+    finally:
+        os.setresuid(0, 0, 0)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary folder every user may enter (pytest's tmp_path is private to its owner), for `unprivileged`."""
+    folder = Path(tempfile.mkdtemp(prefix="minidit-test-"))
+    folder.chmod(0o755)
+    yield folder
+    for p in (folder, *folder.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(0o755)
+    shutil.rmtree(folder)
+
+
+def readable_copy(folder, to):
+    copy = shutil.copytree(folder, to)
+    copy.chmod(0o755)  # tmp_path_factory's folders are the owner's only
+    return copy
+
+
+def read_only_copy(run, folder):
+    """A copy of `run` that only root could change: folders r-x, files r--."""
+    copy = shutil.copytree(run, folder)
+    for p in sorted(copy.rglob("*"), reverse=True) + [copy]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    return copy
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_out_the_kernel_cannot_create(capsys, tiny_dit, existing_run):
+    """/proc takes no new folders, not even from root."""
+    out = "/proc/forbidden/run"
+    fails_cleanly(capsys, ["--weights", tiny_dit, "--steps", "3", "--out", out], "/proc/forbidden", existing_run)
+    fails_cleanly(capsys, ["--weights", tiny_dit, "--steps", "3", "--out", out, "--resume"], "/proc/forbidden",
+                  existing_run)
+    fails_cleanly(capsys, ["--compare", existing_run, existing_run, "--out", out], "/proc/forbidden", existing_run)
+
+
+def test_out_is_or_lies_under_a_file(capsys, tiny_dit, existing_run, tmp_path):
+    file = tmp_path / "file.txt"
+    file.write_text("not a folder\n")
+    line = fails_cleanly(capsys, ["--weights", tiny_dit, "--out", file], "is a file, not a folder", existing_run)
+    assert line == f"error: --out {file} is a file, not a folder; choose another --out"
+    line = fails_cleanly(capsys, ["--weights", tiny_dit, "--out", file / "run"], "is a file", existing_run)
+    assert line == (f"error: --out {file / 'run'} cannot be created: {file} is a file, not a folder; "
+                    f"choose another --out")
+    fails_cleanly(capsys, ["--compare", existing_run, existing_run, "--out", file], "is a file", existing_run)
+    assert file.read_text() == "not a folder\n"
+
+
+def test_out_under_a_read_only_folder(capsys, tiny_dit, existing_run, shared_tmp):
+    weights = readable_copy(tiny_dit, shared_tmp / "weights")
+    run = readable_copy(existing_run, shared_tmp / "run")
+    read_only = shared_tmp / "read-only"
+    read_only.mkdir(mode=0o555)
+    with unprivileged():
+        line = fails_cleanly(capsys, ["--weights", weights, "--out", read_only / "run"], "is not writable", run)
+        fails_cleanly(capsys, ["--compare", run, run, "--out", read_only / "cmp"], "is not writable", run)
+    assert line == (f"error: --out {read_only / 'run'} cannot be created: {read_only} is not writable "
+                    f"({DENIED}); choose another --out")
+    assert list(read_only.iterdir()) == []
+
+
+def test_read_only_run(capsys, tiny_dit, existing_run, shared_tmp):
+    """A run directory this user may read but not write: --resume stops before loading weights, --aggregate at
+    its first write; neither changes a file."""
+    weights = readable_copy(tiny_dit, shared_tmp / "weights")
+    run = read_only_copy(existing_run, shared_tmp / "run")
+    with unprivileged():
+        fails_cleanly(capsys, ["--weights", weights, "--steps", "3", "--out", run, "--resume"],
+                      f"--out {run} is not writable", run)
+        line = fails_cleanly(capsys, ["--aggregate", run], "cannot write", run)
+    assert line == f"error: cannot write {run / 'summary.csv'}: {DENIED}"
+
+
+def test_prompts_not_a_readable_file(capsys, tiny_dit, existing_run, tmp_path, shared_tmp):
+    fails_cleanly(capsys, ["--weights", tiny_dit, "--prompts", tmp_path, "--out", existing_run], "is a folder",
+                  existing_run)
+    weights = readable_copy(tiny_dit, shared_tmp / "weights")
+    secret = shared_tmp / "prompts.txt"
+    secret.write_text("circle\n")
+    secret.chmod(0o000)
+    with unprivileged():
+        line = fails_cleanly(capsys, ["--weights", weights, "--prompts", secret, "--out", shared_tmp / "run"],
+                             "cannot read prompt file")
+    assert line == f"error: cannot read prompt file {secret}: {DENIED}"
+
+
+def test_weights_not_a_model_folder(capsys, tiny_dit, existing_run, tmp_path):
+    file = tiny_dit / "model_index.json"
+    fails_cleanly(capsys, ["--weights", file, "--out", existing_run], f"--weights {file} is a file", existing_run)
+    no_weights = shutil.copytree(tiny_dit, tmp_path / "no-weights")
+    (no_weights / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    fails_cleanly(capsys, ["--weights", no_weights, "--out", existing_run], "transformer holds no weights",
+                  existing_run)
+
+
+def test_unreadable_weights(capsys, tiny_dit, shared_tmp):
+    weights = readable_copy(tiny_dit, shared_tmp / "weights")
+    (weights / "transformer" / "diffusion_pytorch_model.safetensors").chmod(0o000)
+    writable = shared_tmp / "out"
+    writable.mkdir(mode=0o777)
+    writable.chmod(0o777)  # whatever the umask
+    with unprivileged():
+        line = fails_cleanly(capsys, ["--weights", weights, "--out", writable / "run"], DENIED)
+    assert line == f"error: {weights / 'transformer' / 'diffusion_pytorch_model.safetensors'}: {DENIED}"
+
+
+def test_aggregate_and_compare_need_runs(capsys, existing_run, tmp_path):
+    fails_cleanly(capsys, ["--aggregate", tmp_path / "nowhere"], "not a minidit run directory")
+    fails_cleanly(capsys, ["--aggregate", existing_run / "manifest.json"], "not a minidit run directory",
+                  existing_run)
+    damaged = shutil.copytree(existing_run, tmp_path / "damaged")
+    (damaged / "manifest.json").write_text('{"model": "dit-tiny", ')
+    fails_cleanly(capsys, ["--aggregate", damaged], "manifest.json is damaged", damaged)
+    fails_cleanly(capsys, ["--compare", existing_run, damaged, "--out", tmp_path / "cmp"], "is damaged", damaged)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_resume_needs_a_run_or_a_new_folder(capsys, tiny_dit, existing_run, tmp_path):
+    """--resume on a folder that does not exist starts the run (`make analyze` always passes it); on a folder that
+    holds something else it stops."""
+    assert analyze.main([str(a) for a in ("--weights", tiny_dit, "--steps", "3", "--out", tmp_path / "new",
+                                          "--resume")]) == 0
+    assert (tmp_path / "new" / "summary.csv").is_file()
+    capsys.readouterr()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine\n")
+    fails_cleanly(capsys, ["--weights", tiny_dit, "--out", tmp_path / "other", "--resume"],
+                  "exists and is not a minidit run directory", tmp_path / "other")
+
+
+def test_disk_full_mid_run_leaves_no_partial_record(capsys, tiny_dit, tmp_path, monkeypatch):
+    """The first record's write fails after some bytes, as on a full disk: one error line after the run's start
+    line, no record and no temporary file left; --resume then completes the run."""
+    def disk_full(file, **arrays):
+        file.write(b"PK\x03\x04")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    out = tmp_path / "run"
+    argv = [str(a) for a in ("--weights", tiny_dit, "--steps", "3", "--out", out, "--device", "cpu")]
+    code = analyze.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 2 and err[0].startswith("dit-tiny: 4 prompts"), err
+    assert err[1] == f"error: cannot write {out / 'records' / '000000.npz'}: No space left on device"
+    assert list((out / "records").iterdir()) == []
+    monkeypatch.undo()
+    assert analyze.main(argv + ["--resume"]) == 0
+    assert sorted(p.name for p in (out / "records").iterdir()) == [f"{i:06d}.npz" for i in range(4)]

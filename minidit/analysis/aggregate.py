@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from minidit.analysis.recorder import TENSORS
-from minidit.analysis.rundir import RunDir
+from minidit.analysis.rundir import RunDir, atomic_file
 
 METRICS = ("l1", "rel_l1", "mse", "cos_dist")
 POOLED = "all"
@@ -107,7 +107,7 @@ def write_summary(run: Run, path: Path) -> int:
     """The tidy long table: one row per (layer, stream, branch, tensor, transition, metric)."""
     cells = np.argwhere(run.present)
     rows = 0
-    with path.open("w", newline="") as f:
+    with atomic_file(path, text=True, newline="") as f:
         out = csv.writer(f)
         out.writerow(["layer", "layer_name", "kind", "stream", "branch", "tensor", "transition", "t", "sigma", "u",
                       "metric", "mean", "std", "cv", "n_prompts"])
@@ -142,7 +142,7 @@ def cv_table(run: Run) -> list[dict]:
 
 def write_cv(run: Run, path: Path) -> list[dict]:
     table = cv_table(run)
-    with path.open("w", newline="") as f:
+    with atomic_file(path, text=True, newline="") as f:
         out = csv.DictWriter(f, fieldnames=list(table[0]))
         out.writeheader()
         out.writerows({**row, "mean_cv": _num(row["mean_cv"])} for row in table)

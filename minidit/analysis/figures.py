@@ -30,6 +30,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocat
 
 from minidit.analysis.aggregate import METRICS, POOLED, Run
 from minidit.analysis.recorder import TENSORS
+from minidit.analysis.rundir import atomic_file, make_folder
 from minidit.errors import MiniditError
 
 DPI = 120
@@ -459,7 +460,7 @@ def write_figures(run: Run, out_dir: str | Path) -> list[Path]:
     Other branches and metrics: call `layer_grid` and `heatmap` with `branch=` ("cond", "uncond") and a metric.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     branch = default_branch(run)
     written = []
     for metric in STANDARD_METRICS:
@@ -487,6 +488,7 @@ def _collector_paused():
 
 def _save(fig: Figure, out_path: str | Path) -> Path:
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=DPI, facecolor="white")
+    make_folder(out_path.parent)
+    with atomic_file(out_path) as f:  # a failed write leaves no half-written image
+        fig.savefig(f, format=out_path.suffix.lstrip(".") or None, dpi=DPI, facecolor="white")
     return out_path

@@ -7,13 +7,19 @@
 
 Records are independent files named by prompt index, so several processes can fill one run directory
 at once and a crash loses at most the prompt in flight; `--resume` skips the records already there.
+Every file is written through a temporary file and a rename (`atomic_file`), so a failed write (disk full,
+no permission) leaves the file as it was and reports one line naming it.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -46,16 +52,22 @@ class RunDir:
                 raise MiniditError(f"cannot resume {self.path}: it was run with different {', '.join(changed)}; "
                                    f"use the same settings, or another --out")
             manifest = dict(old, **{k: v for k, v in manifest.items() if k not in IDENTITY_KEYS})
-        elif self.path.exists() and any(self.path.iterdir()):
+        elif self.path.is_dir() and any(self.path.iterdir()):
             raise MiniditError(f"{self.path} exists and is not a minidit run directory: choose another --out")
-        self.records.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path)
+        make_folder(self.records)
         write_atomic(self.path / "prompts.txt", "".join(p + "\n" for p in prompts).encode("utf-8"))
         self.write_manifest(manifest)
 
     def manifest(self) -> dict:
         if not self.exists():
             raise MiniditError(f"{self.path} is not a minidit run directory (no manifest.json)")
-        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise MiniditError(f"cannot read {self.manifest_path}: {e.strerror}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MiniditError(f"{self.manifest_path} is damaged ({e}): it is not the manifest minidit wrote") from None
 
     def write_manifest(self, manifest: dict) -> None:
         write_atomic(self.manifest_path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
@@ -67,11 +79,8 @@ class RunDir:
         return {int(p.stem) for p in self.records.glob("[0-9]*.npz")} if self.records.is_dir() else set()
 
     def write_record(self, index: int, sums: np.ndarray, meta: dict) -> None:
-        with tempfile.NamedTemporaryFile(dir=self.records, prefix=".tmp-", suffix=".npz", delete=False) as f:
+        with atomic_file(self.record_path(index)) as f:
             np.savez(f, sums=sums, meta=np.array(json.dumps(meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(f.name, self.record_path(index))
 
     def read_records(self) -> tuple[list[int], np.ndarray, list[dict]]:
         """All finished records: prompt indices, sums stacked as [prompt, layer, stream, branch, tensor, d, 7]."""
@@ -95,9 +104,43 @@ def prompts_digest(prompts: list[str]) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as f:
+    with atomic_file(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, text: bool = False, **open_args) -> Iterator[IO]:
+    """A new file to write `path` through: a temporary file beside it, renamed over `path` when the block ends,
+    so readers never see a half-written file. If the block or the write fails, the temporary file is removed
+    and `path` is left as it was; an OSError (disk full, no permission) becomes one line naming `path`."""
+    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
+    try:
+        with open(tmp, "x" if text else "xb", **open_args) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise MiniditError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def make_folder(path: Path) -> None:
+    """`mkdir -p`, a failure reported as one line naming the folder the OS could not create and why."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MiniditError(f"cannot create the folder {path} ({e.filename}: {e.strerror})") from None
+
+
+def check_creatable(path: Path) -> None:
+    """Fail early, before any weights are loaded, when `path` cannot become a folder to write into: it or a
+    parent is a file, or the nearest existing folder is not writable. Root passes the last test almost everywhere
+    (not on a read-only file system); `make_folder` and `atomic_file` still report what the OS refuses."""
+    existing = next(p for p in (path, *path.absolute().parents) if os.path.exists(p))
+    what = f"--out {path}" if existing == path else f"--out {path} cannot be created: {existing}"
+    if not existing.is_dir():
+        raise MiniditError(f"{what} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MiniditError(f"{what} is not writable ({os.strerror(errno.EACCES)}); choose another --out")
