@@ -5,17 +5,31 @@ ARGS ?=
 # Set TORCH_VERSION to pin torch at install time (CI uses the CPU build 2.13.0); unset keeps your own torch.
 TORCH_VERSION ?=
 
-.PHONY: install install-reference test analyze bench fixtures train-tiny
+.PHONY: install install-reference test test-portable mutants tolerances analyze bench fixtures train-tiny
 
 install:
 	$(if $(TORCH_VERSION),$(PYTHON) -m pip install "torch==$(TORCH_VERSION)")
 	$(PYTHON) -m pip install -e ".[test]"
 
 install-reference:  # the reference oracles (diffusers, transformers) for live parity tests and fixtures
+	$(if $(TORCH_VERSION),$(PYTHON) -m pip install "torch==$(TORCH_VERSION)")
 	$(PYTHON) -m pip install -e ".[test,reference]"
 
 test:
 	$(PYTHON) -m pytest -q
+
+# The suite again as another CPU computes it: torch's scalar kernels instead of AVX2/AVX-512, numpy's SIMD
+# dispatch off (its baseline stays), reference oracles hidden. Stored fixtures must pass here too.
+test-portable:
+	ATEN_CPU_CAPABILITY=default MINIDIT_LIVE=0 \
+	NPY_DISABLE_CPU_FEATURES="$$($(PYTHON) -c "import numpy as np; m = getattr(np, '_core', None) or np.core; print(' '.join(m._multiarray_umath.__cpu_dispatch__))")" \
+	$(PYTHON) -m pytest -q $(ARGS)
+
+mutants:  # realistic one-point bugs that the stored-fixture tests must catch (not part of CI: ~N minutes)
+	$(PYTHON) -u tests/mutants.py $(ARGS)
+
+tolerances:  # the worst fixture error of every test under each CPU capability this machine offers
+	$(PYTHON) -u tests/measure_tolerances.py $(ARGS)
 
 analyze:
 	$(PYTHON) analyze.py --model $(MODEL) --resume --save-images $(ARGS)

@@ -50,7 +50,8 @@ def test_summary_equals_float64_recomputation(tiny_dit, tmp_path):
     assert result.returncode == 0, result.stderr
 
     recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
-    branches = recipe.branches(recipe.default_guidance)
+    assert recipe.default_guidance > 1
+    branches = ("cond", "uncond")  # DiTPipeline's batch: the class labels first, then the null class
     expected = defaultdict(list)  # (layer, branch, tensor, d, metric) -> per-prompt values
     for prompt in recipe.default_prompts():
         capture = CaptureAll()

@@ -16,7 +16,7 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import LIVE, SOURCES, reference_generator, scaled_error
+from conftest import LIVE, SOURCES, assert_matches, reference_generator
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -51,13 +51,6 @@ def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
     return G.model_output(x, t, stored()["inputs/noise"])
 
 
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, source: str, what) -> None:
-    if source == "live":
-        assert torch.equal(actual, expected), (what, scaled_error(actual, expected))
-    else:
-        assert scaled_error(actual, expected) <= FIXTURE_TOLERANCE, (what, scaled_error(actual, expected))
-
-
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("steps", G.STEPS)
 @pytest.mark.parametrize("case", G.CASES)
@@ -71,9 +64,9 @@ def test_timesteps(case, steps, source):
 def test_sigmas(case, steps, source):
     """`sigmas` is diffusers' `scheduler.sigmas[:-1]`; `noise_levels` adds the final level (0 or sigma_min)."""
     dpm, expected = scheduler(case, steps), reference(source, case, steps, "sigmas")
-    assert torch.equal(torch.tensor(dpm.sigmas, dtype=torch.float32), expected[:-1])
+    assert_matches(torch.tensor(dpm.sigmas, dtype=torch.float32), expected[:-1], source, FIXTURE_TOLERANCE)
     assert dpm.noise_levels.dtype == expected.dtype == torch.float32
-    assert torch.equal(dpm.noise_levels, expected)
+    assert_matches(dpm.noise_levels, expected, source, FIXTURE_TOLERANCE)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -81,7 +74,7 @@ def test_sigmas(case, steps, source):
 def test_alphas_cumprod(case, source):
     expected = reference(source, case, 1, "alphas_cumprod")
     assert expected.dtype == torch.float32
-    assert torch.equal(scheduler(case, 1).alphas_cumprod, expected)
+    assert_matches(scheduler(case, 1).alphas_cumprod, expected, source, FIXTURE_TOLERANCE)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -93,7 +86,7 @@ def test_every_step_of_the_loop(case, steps, source):
     assert len(dpm.timesteps) == len(expected) == steps
     for k, t in enumerate(dpm.timesteps):
         x = dpm.step(model_fn(x, t), t, x)
-        assert_matches(x, expected[k], source, (k, t))
+        assert_matches(x, expected[k], source, FIXTURE_TOLERANCE, (k, t))
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -103,7 +96,7 @@ def test_sample_runs_the_loop_and_starts_afresh(case, steps, source):
     """`sample` ends where diffusers' loop ends, also when run a second time on the same solver."""
     dpm, expected = scheduler(case, steps), reference(source, case, steps, "samples")[-1]
     for run in range(2):
-        assert_matches(dpm.sample(model_fn, stored()["inputs/sample"]), expected, source, run)
+        assert_matches(dpm.sample(model_fn, stored()["inputs/sample"]), expected, source, FIXTURE_TOLERANCE, run)
 
 
 @LIVE

@@ -18,7 +18,7 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import LIVE, SOURCES, reference_generator, scaled_error
+from conftest import LIVE, SOURCES, assert_matches, reference_generator
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -65,20 +65,13 @@ def model_fn(x: torch.Tensor, t: float) -> torch.Tensor:
     return G.velocity(x, t, stored()["inputs/noise"].to(x.dtype))
 
 
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, source: str, dtype: str, what) -> None:
-    assert actual.dtype == expected.dtype == G.DTYPES[dtype], (what, actual.dtype, expected.dtype)
-    if source == "live":
-        assert torch.equal(actual, expected), (what, scaled_error(actual, expected))
-    else:
-        assert scaled_error(actual, expected) <= FIXTURE_TOLERANCE[dtype], (what, scaled_error(actual, expected))
-
-
 def run_loop(fm: FlowMatchEuler, expected: torch.Tensor, source: str, dtype: str) -> None:
     x = stored()["inputs/sample"].to(G.DTYPES[dtype])
     assert len(fm.timesteps) == len(expected) == fm.num_steps
     for i, t in enumerate(fm.timesteps):
         x = fm.step(model_fn(x, t), i, x)
-        assert_matches(x, expected[i], source, dtype, (i, t))
+        assert x.dtype == G.DTYPES[dtype]
+        assert_matches(x, expected[i], source, FIXTURE_TOLERANCE[dtype], (i, t))
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -91,10 +84,11 @@ def test_sigmas_and_timesteps(case, resolution, steps, source):
     fm = scheduler(case, resolution, steps)
     sigmas, timesteps = (reference(source, case, resolution, steps, key) for key in ("sigmas", "timesteps"))
     assert sigmas.dtype == timesteps.dtype == torch.float32
-    assert torch.equal(fm.noise_levels, sigmas)
-    assert torch.equal(torch.tensor(fm.sigmas, dtype=torch.float32), sigmas[:-1])
-    assert torch.equal(torch.tensor(fm.timesteps, dtype=torch.float32), timesteps)
-    assert fm.timesteps == timesteps.tolist() and fm.sigmas == sigmas[:-1].tolist()
+    assert_matches(fm.noise_levels, sigmas, source, FIXTURE_TOLERANCE["float32"])
+    assert_matches(torch.tensor(fm.sigmas, dtype=torch.float32), sigmas[:-1], source, FIXTURE_TOLERANCE["float32"])
+    assert_matches(torch.tensor(fm.timesteps, dtype=torch.float32), timesteps, source, FIXTURE_TOLERANCE["float32"])
+    if source == "live":
+        assert fm.timesteps == timesteps.tolist() and fm.sigmas == sigmas[:-1].tolist()
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -131,7 +125,8 @@ def test_flux_sampled_with_sd3_schedule(resolution, steps, dtype, source):
     is StableDiffusion3Pipeline's schedule and loop (which ignore the size for this config)."""
     fm = FlowMatchEuler(PRESETS["stabilityai/stable-diffusion-3-medium-diffusers"], steps,
                         image_seq_len=image_seq_len(*G.RESOLUTIONS[resolution]), schedule="sd3")
-    assert torch.equal(fm.noise_levels, reference(source, SD3, resolution, steps, "sigmas"))
+    assert_matches(fm.noise_levels, reference(source, SD3, resolution, steps, "sigmas"), source,
+                   FIXTURE_TOLERANCE["float32"])
     loop_resolution = resolution if source == "live" else G.DEFAULT_RESOLUTION
     run_loop(fm, reference(source, SD3, loop_resolution, steps, f"samples_{dtype}"), source, dtype)
 
@@ -147,11 +142,12 @@ def test_sample_and_steps_by_timestep(case, resolution, dtype, source):
     fm, expected = scheduler(case, resolution, steps), reference(source, case, resolution, steps, f"samples_{dtype}")
     start = stored()["inputs/sample"].to(G.DTYPES[dtype])
     for run in range(2):
-        assert_matches(fm.sample(model_fn, start), expected[-1], source, dtype, run)
+        assert_matches(fm.sample(model_fn, start), expected[-1], source, FIXTURE_TOLERANCE[dtype], run)
     x = start
     for i, t in enumerate(fm.timesteps):
         x = fm.step(model_fn(x, t), t, x)
-        assert_matches(x, expected[i], source, dtype, (i, t))
+        assert x.dtype == G.DTYPES[dtype]
+        assert_matches(x, expected[i], source, FIXTURE_TOLERANCE[dtype], (i, t))
 
 
 @pytest.mark.parametrize("config", G.CONFIGS)

@@ -28,6 +28,7 @@ from minidit.pipelines.pixart import PixArtRecipe, bucket, resize_and_crop
 
 G = reference_generator("generate_pixart")
 TOL = 1e-5  # fp32; measured: 0 for the transformer, see the recipe test for the whole pipeline
+RESIZE_TOLERANCE = 1e-6  # set from the measurement below, once made
 
 
 @cache
@@ -174,7 +175,7 @@ def test_buckets():
 
 def test_resize_and_crop():
     images = stored()["resize/images"]
-    assert torch.allclose(resize_and_crop(images, 30, 44), stored()["resize/out"], atol=1e-6)
+    assert scaled_error(resize_and_crop(images, 30, 44), stored()["resize/out"]) <= RESIZE_TOLERANCE
 
 
 def test_decode_gives_the_requested_size():

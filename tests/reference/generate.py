@@ -11,6 +11,9 @@ It writes, under tests/fixtures/dit/ (≈1 MB in all; the run is deterministic):
                                    transformer/config.json (the legacy Hub content: Transformer2DModel, ignored
                                    keys, no norm_eps) and the weights as sharded safetensors + index, one
                                    safetensors file, or a torch pickle `.bin` (what main ships)
+    small-variance/                the same model with its adaLN-Zero gates scaled by 1e-2 (one safetensors
+                                   file): with the sample `small_variance_sample` draws, its residual stream has a
+                                   per-token std near 1e-2, so every LayerNorm's eps shows in the outputs
     original/DiT-tiny-2-64x64.pt   the same model in the facebookresearch/DiT state-dict layout (fused qkv,
                                    one t/y embedder, pos_embed [1, L, D])
     hub-xl2-256/                   the real (full-size) DiT-XL/2-256 config files, byte-exact, no weights
@@ -74,6 +77,11 @@ PIPELINE_SEED = 0
 
 DDIM_STEPS = (1, 4, 7, 20, 28, 50, 64)
 DDIM_SHAPE = (2, 4, 4, 4)
+
+# the LayerNorm-eps case: a residual stream whose per-token std stays near SMALL_STD, where eps (1e-6 or 1e-5)
+# is a few percent of the variance and so moves the outputs far beyond float rounding
+SMALL_STD = 1e-2
+GATE_SCALE = 1e-2  # the adaLN-Zero gates' rows scaled down, so attention and FFN add only ~SMALL_STD
 
 
 # ---- the Hub files' content ----------------------------------------------------------------------------
@@ -436,6 +444,36 @@ def forward_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, torch.tensor(FORWARD_T, dtype=torch.int64), torch.tensor(FORWARD_Y, dtype=torch.int64)
 
 
+def small_variance_weights(hub_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Hub fixture's weights with the adaLN-Zero gate rows (gate_msa, gate_mlp) scaled by GATE_SCALE."""
+    dim = TINY["num_attention_heads"] * TINY["attention_head_dim"]
+    small = {k: v.clone() for k, v in hub_sd.items()}
+    for k in small:
+        if k.endswith(".norm1.linear.weight") or k.endswith(".norm1.linear.bias"):
+            for chunk in (2, 5):  # (shift, scale, gate) for attention, then for the FFN
+                small[k][chunk * dim:(chunk + 1) * dim] *= GATE_SCALE
+    return small
+
+
+def small_variance_sample(model, batch: int) -> torch.Tensor:
+    """A sample whose patch embedding cancels the sin-cos position table up to noise of std SMALL_STD: the
+    square patch-embedding matrix (C p p = D) is inverted in float64 for every patch."""
+    p, c, n = TINY["patch_size"], TINY["in_channels"], TINY["sample_size"] // TINY["patch_size"]
+    conv = model.pos_embed.proj
+    w = conv.weight.double().reshape(conv.weight.shape[0], -1)  # (D, C p p), columns in (c, kh, kw) order
+    g = torch.Generator().manual_seed(SEED + 3)
+    target = SMALL_STD * torch.randn(batch, n * n, w.shape[0], generator=g, dtype=torch.float64)
+    patches = torch.linalg.solve(w, (target - conv.bias.double() - model.pos_embed.pos_embed.double()).mT).mT
+    x = patches.reshape(batch, n, n, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(batch, c, n * p, n * p)
+    return x.float()
+
+
+def residual_std(model, x: torch.Tensor) -> float:
+    """The largest per-token std of the patch embedding plus position table (the first LayerNorm's input)."""
+    with torch.no_grad():
+        return model.pos_embed(x).std(dim=-1, unbiased=False).max().item()
+
+
 def max_scaled_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1.0)).item()
 
@@ -551,6 +589,27 @@ def main() -> None:
     patched = diffusers_forward(diffusers_dit(state_dict=tied, numerics="original"), x, t, y)
     assert max_scaled_error(ref["dit/original_out"], patched) < 1e-5, max_scaled_error(ref["dit/original_out"], patched)
     assert max_scaled_error(ref["dit/hub_out"], ref["dit/hub_out_original_numerics"]) > 1e-4, "numerics must differ"
+
+    # -- the LayerNorm-eps case: each of the three eps (adaLN 1e-6, FFN norm_eps, final 1e-6) must matter
+    small = diffusers.DiTTransformer2DModel(**TINY).eval()
+    small.load_state_dict(small_variance_weights(hub_sd), strict=True)
+    write_repo(FIXTURES / "small-variance", small, safe_serialization=True)
+    small_x = small_variance_sample(small, len(FORWARD_T))
+    assert residual_std(small, small_x) < 2 * SMALL_STD, residual_std(small, small_x)
+    small_reloaded = diffusers_dit(FIXTURES / "small-variance" / "transformer")
+    ref["dit/small_variance/x"] = small_x
+    ref["dit/small_variance/out"] = diffusers_forward(small_reloaded, small_x, t, y)
+    ref["dit/small_variance/out_original_numerics"] = diffusers_forward(
+        diffusers_dit(FIXTURES / "small-variance" / "transformer", numerics="original"), small_x, t, y)
+    layer_norms = {"adaLN": lambda m: [b.norm1.norm for b in m.transformer_blocks],
+                   "FFN": lambda m: [b.norm3 for b in m.transformer_blocks], "final": lambda m: [m.norm_out]}
+    for name, modules in layer_norms.items():
+        mutated = diffusers_dit(FIXTURES / "small-variance" / "transformer")
+        for module in modules(mutated):
+            module.eps = 1e-5 if module.eps == 1e-6 else 1e-6
+        moved = max_scaled_error(diffusers_forward(mutated, small_x, t, y), ref["dit/small_variance/out"])
+        print(f"small-variance case: the {name} LayerNorm eps swapped (1e-6 <-> 1e-5) moves the output by {moved:.3g}")
+        assert moved > 1e-3, (name, moved)
 
     # -- the end-to-end pipeline: diffusers' DiTPipeline, and the original's CFG loop on the port
     ref["pipeline/noise"] = pipeline_noise(len(PIPELINE_LABELS), PIPELINE_SEED)

@@ -1,0 +1,250 @@
+"""Hand-written mutants: realistic one-point bugs that the test suite must catch ("kill").
+
+Each mutant edits one or two lines of minidit in a temporary copy of the repository, then runs the test files
+that should catch it. By default the reference oracles are hidden (MINIDIT_LIVE=0), as on CI: a mutant counts as
+killed only if the stored-fixture tests alone fail on it. Not part of `make test`; run it after changing a model,
+a scheduler or a test, and when adding a model, add its mutants here.
+
+    python tests/mutants.py                 # every mutant, CI mode; prints the score
+    python tests/mutants.py flux dit-eps    # the mutants whose name contains one of these words
+    python tests/mutants.py --live          # with the live reference tests too (needs the reference extra)
+    make mutants
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    why: str  # the bug it stands for
+    edits: tuple[tuple[str, str, str], ...]  # (file, old text, new text); the old text must occur exactly once
+    tests: tuple[str, ...]  # the test files (or node ids) that should kill it
+
+
+def edit(file: str, old: str, new: str) -> tuple[str, str, str]:
+    return file, old, new
+
+
+DIT, PIXART, SD3, FLUX = "minidit/models/dit.py", "minidit/models/pixart.py", "minidit/models/sd3.py", \
+    "minidit/models/flux.py"
+CAPTURES = "tests/test_capture_points.py"
+
+MUTANTS = [
+    # ---- capture points: the K, V, A the recorder receives
+    Mutant("flux-single-A-after-proj", "FLUX single-stream A taken after the fused projection instead of before", (
+        edit(FLUX, "        return attention_output(out, layer=self.layer, streams=streams)  # A before the fused "
+                   "projection", "        return out"),
+        edit(FLUX, "        h = h + gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))",
+             "        h = h + gate[:, None] * attention_output(self.proj_out(torch.cat([a, mlp], dim=2)), "
+             "layer=self.attn.layer, streams=((\"txt\", lt), (\"img\", x.shape[1])))")),
+        (CAPTURES, "tests/test_mmdit.py", "tests/test_mmdit_analysis.py", "tests/test_flux_pipeline.py")),
+    Mutant("flux-double-A-before-to_out", "FLUX double-stream image A taken before to_out instead of after", (
+        edit(FLUX, 'a_x = attention_output(self.to_out[0](out_x), layer=self.layer, streams="img")',
+             'a_x = self.to_out[0](attention_output(out_x, layer=self.layer, streams="img"))'),),
+        (CAPTURES, "tests/test_mmdit.py", "tests/test_mmdit_analysis.py", "tests/test_flux_pipeline.py")),
+    Mutant("sd3-txt-A-before-to_add_out", "SD3 text A taken before to_add_out", (
+        edit(SD3, 'return a_x, attention_output(self.to_add_out(out_c), layer=self.layer, streams="txt")',
+             'return a_x, self.to_add_out(attention_output(out_c, layer=self.layer, streams="txt"))'),),
+        (CAPTURES, "tests/test_mmdit.py", "tests/test_mmdit_analysis.py", "tests/test_sd3_pipeline.py")),
+    Mutant("sd3-streams-swapped", "SD3 joint K/V labelled [txt; img] while the tokens are [img; txt]", (
+        edit(SD3, 'streams = (("img", x.shape[1]), ("txt", c.shape[1]))',
+             'streams = (("txt", c.shape[1]), ("img", x.shape[1]))'),),
+        (CAPTURES, "tests/test_mmdit.py", "tests/test_mmdit_analysis.py", "tests/test_sd3_pipeline.py")),
+    Mutant("dit-A-before-to_out", "DiT A taken before the output projection", (
+        edit(DIT, "return attention_output(self.to_out[0](out), layer=self.layer)",
+             "return self.to_out[0](attention_output(out, layer=self.layer))"),),
+        (CAPTURES, "tests/test_dit_parity.py", "tests/test_analysis.py", "tests/test_attention.py")),
+    Mutant("pixart-A-before-to_out", "PixArt self/cross A taken before the output projection", (
+        edit(PIXART, "return attention_output(self.to_out[0](out), layer=self.layer)",
+             "return self.to_out[0](attention_output(out, layer=self.layer))"),),
+        (CAPTURES, "tests/test_pixart.py")),
+
+    # ---- model numerics
+    Mutant("dit-eps-adaLN", "DiT adaLN-Zero LayerNorm eps 1e-5 instead of 1e-6", (
+        edit(DIT, "self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)",
+             "self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-5)"),),
+        ("tests/test_dit_parity.py",)),
+    Mutant("dit-eps-ffn", "DiT FFN LayerNorm eps fixed at 1e-6, ignoring the config's norm_eps (1e-5)", (
+        edit(DIT, "self.norm3 = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=cfg.norm_eps)",
+             "self.norm3 = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)"),),
+        ("tests/test_dit_parity.py",)),
+    Mutant("dit-eps-final", "DiT final LayerNorm eps 1e-5 instead of 1e-6", (
+        edit(DIT, "self.norm_out = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)",
+             "self.norm_out = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-5)"),),
+        ("tests/test_dit_parity.py",)),
+    Mutant("dit-shift-scale-swapped", "DiT attention modulation with shift and scale swapped", (
+        edit(DIT, "modulate(self.norm1.norm(x), shift_msa, scale_msa)",
+             "modulate(self.norm1.norm(x), scale_msa, shift_msa)"),),
+        ("tests/test_dit_parity.py",)),
+    Mutant("pixart-micro-conditions-swapped", "PixArt resolution micro-condition given as [w, h]", (
+        edit("minidit/pipelines/pixart.py", '"resolution": torch.tensor([[h, w]] * len(text)',
+             '"resolution": torch.tensor([[w, h]] * len(text)'),),
+        ("tests/test_pixart.py",)),
+    Mutant("pixart-mask-inverted", "PixArt cross-attention masks the real tokens instead of the padding", (
+        edit(PIXART, "bias = ((1 - text_mask.to(x.dtype)) * MASK_BIAS)", "bias = (text_mask.to(x.dtype) * MASK_BIAS)"),),
+        ("tests/test_pixart.py",)),
+    Mutant("sd3-final-shift-scale", "SD3 final adaLN read as (shift, scale) instead of (scale, shift)", (
+        edit(SD3, "scale, shift = self.linear(F.silu(emb)).chunk(2, dim=1)",
+             "shift, scale = self.linear(F.silu(emb)).chunk(2, dim=1)"),),
+        ("tests/test_mmdit.py",)),
+    Mutant("flux-bfl-final-not-swapped", "FLUX BFL single file: final (shift, scale) loaded without the swap", (
+        edit(FLUX, "out[f\"{target}.{param}\"] = torch.cat([scale, shift], dim=0)",
+             "out[f\"{target}.{param}\"] = torch.cat([shift, scale], dim=0)"),),
+        ("tests/test_mmdit.py",)),
+    Mutant("rope-theta", "RoPE theta 1000 instead of 10000", (
+        edit(FLUX, "ROPE_THETA = 10000.0", "ROPE_THETA = 1000.0"),),
+        ("tests/test_mmdit.py",)),
+    Mutant("rope-rotation-sign", "RoPE rotating the pairs the other way", (
+        edit("minidit/rope.py", "rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1)",
+             "rotated = torch.stack([pairs[..., 1], -pairs[..., 0]], dim=-1)"),),
+        ("tests/test_mmdit.py",)),
+
+    # ---- text encoders and tokenizers
+    Mutant("t5-bucket-sign", "T5 relative-position buckets with the direction flipped", (
+        edit("minidit/text/t5.py", "bucket = (relative_position > 0).long() * half",
+             "bucket = (relative_position < 0).long() * half"),),
+        ("tests/test_t5.py",)),
+    Mutant("clip-causal-mask", "CLIP mask upper-triangular (attending to the future)", (
+        edit("minidit/text/clip.py", "dtype=torch.bool, device=input_ids.device).tril()",
+             "dtype=torch.bool, device=input_ids.device).triu()"),),
+        ("tests/test_clip.py",)),
+    Mutant("clip-tokenizer-case", "CLIP tokenizer without lower-casing", (
+        edit("minidit/text/clip_tokenizer.py", 'return "".join(ch.lower() for ch in',
+             'return "".join(ch for ch in'),),
+        ("tests/test_clip_tokenizer.py",)),
+    Mutant("sd3-pooled-order", "SD3 pooled vector as [bigG; CLIP-L]", (
+        edit("minidit/pipelines/sd3.py", "pooled = torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1)",
+             "pooled = torch.cat([clip_g.text_embeds, clip_l.text_embeds], dim=-1)"),),
+        ("tests/test_sd3_pipeline.py",)),
+
+    # ---- decoder
+    Mutant("vae-attention-scale", "VAE mid-block attention without the 1/sqrt(d) scale", (
+        edit("minidit/vae/autoencoder_kl.py", "out = self.to_out[0](attention(q, k, v))",
+             "out = self.to_out[0](attention(q, k, v, scale=1.0))"),),
+        ("tests/test_vae.py",)),
+
+    # ---- schedulers
+    Mutant("ddim-trailing-offset", "DDIM trailing spacing without the final -1", (
+        edit("minidit/schedulers/ddim.py", "ts = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1",
+             "ts = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64)"),),
+        ("tests/test_ddim.py",)),
+    Mutant("flow-shift", "SD3 shift written s sigma / (1 + s sigma)", (
+        edit("minidit/schedulers/flow.py", "return shift * sigma / (1 + (shift - 1) * sigma)",
+             "return shift * sigma / (1 + shift * sigma)"),),
+        ("tests/test_flow.py",)),
+    Mutant("dpm-midpoint", "DPM-Solver++ 2M midpoint correction without its 1/2", (
+        edit("minidit/schedulers/dpm_solver.py", "x_next = (sigma_next / sigma) * x - phi * x0 - 0.5 * phi * d1",
+             "x_next = (sigma_next / sigma) * x - phi * x0 - phi * d1"),),
+        ("tests/test_dpm_solver.py",)),
+
+    # ---- the statistics
+    Mutant("recorder-s_prev", "s_prev taken from the current step instead of the previous one", (
+        edit("minidit/analysis/recorder.py", "sums = np.stack([cur[..., D_ABS], prev[..., X_L1],",
+             "sums = np.stack([cur[..., D_ABS], cur[..., X_L1],"),),
+        ("tests/test_analysis.py", "tests/test_mmdit_analysis.py")),
+    Mutant("aggregate-ddof", "std over prompts with ddof 1 instead of the population std", (
+        edit("minidit/analysis/aggregate.py", "mean, std = values.mean(axis=0), values.std(axis=0)",
+             "mean, std = values.mean(axis=0), values.std(axis=0, ddof=1)"),),
+        ("tests/test_analysis.py",)),
+    Mutant("dit-branch-order", "DiT batch labelled [uncond; cond] while it is [cond; uncond]", (
+        edit("minidit/pipelines/dit.py", 'return ("cond", "uncond") if guidance > 1 else ("cond",)',
+             'return ("uncond", "cond") if guidance > 1 else ("cond",)'),),
+        ("tests/test_analysis.py",)),
+    Mutant("sd3-branch-order", "SD3 batch labelled [cond; uncond] while it is [uncond; cond]", (
+        edit("minidit/pipelines/sd3.py", 'return ("uncond", "cond") if guidance > 1 else ("cond",)',
+             'return ("cond", "uncond") if guidance > 1 else ("cond",)'),),
+        ("tests/test_mmdit_analysis.py",)),
+]
+
+
+def copy_repo(target: Path) -> None:
+    """The files git tracks (and untracked, unignored ones), as they are in the work tree."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
+def apply(mutant: Mutant, tree: Path) -> None:
+    for file, old, new in mutant.edits:
+        path = tree / file
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"mutant {mutant.name}: {old!r} occurs {text.count(old)} times in {file}, not once; "
+                             f"update the mutant to the current code")
+        path.write_text(text.replace(old, new))
+
+
+def run_tests(tree: Path, tests: tuple[str, ...], live: bool) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(tree), "MINIDIT_LIVE": "1" if live else "0"}
+    present = [t for t in tests if (tree / t.split("::")[0]).exists()]
+    return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *present],
+                          cwd=tree, env=env, capture_output=True, text=True)
+
+
+def first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(("FAILED", "ERROR")):
+            return line.split(" - ")[0].split(" ", 1)[1]
+    return "?"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("only", nargs="*", help="run the mutants whose name contains one of these words")
+    parser.add_argument("--live", action="store_true", help="let the live reference tests run too")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the first run of the targeted tests on the unmutated copy (they must pass there, "
+                             "or a 'kill' means nothing)")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or any(word in m.name for word in args.only)]
+    if not chosen:
+        raise SystemExit(f"no mutant matches {args.only}; names: {', '.join(m.name for m in MUTANTS)}")
+
+    with tempfile.TemporaryDirectory(prefix="minidit-mutants-") as tmp:
+        pristine = Path(tmp) / "pristine"
+        copy_repo(pristine)
+        if not args.no_baseline:
+            targeted = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            baseline = run_tests(pristine, targeted, args.live)
+            if baseline.returncode != 0:
+                print(baseline.stdout[-3000:])
+                raise SystemExit(f"the targeted tests fail without any mutant ({first_failure(baseline.stdout)}): "
+                                 f"fix that first")
+            print(f"baseline: the targeted tests pass on the unmutated copy ({len(targeted)} files)", flush=True)
+        survivors = []
+        for mutant in chosen:
+            tree = Path(tmp) / mutant.name
+            shutil.copytree(pristine, tree)
+            apply(mutant, tree)
+            start = time.time()
+            result = run_tests(tree, mutant.tests, args.live)
+            killed = result.returncode != 0
+            verdict = f"killed by {first_failure(result.stdout)}" if killed else "SURVIVED"
+            print(f"{mutant.name:<34} {verdict}  ({time.time() - start:.0f} s)", flush=True)
+            if not killed:
+                survivors.append(mutant)
+            shutil.rmtree(tree)
+    mode = "with the live tests" if args.live else "CI mode: stored fixtures only"
+    print(f"\n{len(chosen) - len(survivors)} of {len(chosen)} mutants killed ({mode})")
+    for mutant in survivors:
+        print(f"  survived: {mutant.name}: {mutant.why}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
