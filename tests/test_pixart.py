@@ -134,8 +134,7 @@ def test_original_layout_covers_every_fullsize_key(name):
 def test_cross_attention_layers_are_optional():
     model = load_pixart(folder("512"))
     assert [layer.kind for layer in model.attention_layers()] == ["self"] * 2
-    model.record_cross = True
-    layers = model.attention_layers()
+    layers = model.attention_layers(cross=True)
     assert [layer.kind for layer in layers] == ["self"] * 2 + ["cross"] * 2
     assert layers[2].name == "transformer_blocks.0.attn2" and layers[2].streams == ("img", "txt")
 

@@ -190,7 +190,6 @@ class PixArt(nn.Module):
     def __init__(self, cfg: PixArtConfig):
         super().__init__()
         self.config = cfg
-        self.record_cross = False  # whether attention_layers() lists the cross-attention layers too
         dim = cfg.hidden_size
         self.pos_embed = PatchEmbed(cfg)
         self.adaln_single = AdaLNSingle(cfg)
@@ -219,10 +218,10 @@ class PixArt(nn.Module):
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, L, p*p*C_out)
         return unpatchify(x, h, w, p)
 
-    def attention_layers(self) -> list[AttentionLayer]:
-        """The 28 self-attention layers; with `record_cross`, then the 28 cross-attention layers (kind cross)."""
+    def attention_layers(self, cross: bool = False) -> list[AttentionLayer]:
+        """The 28 self-attention layers; with `cross`, then the 28 cross-attention layers (kind cross)."""
         layers = [AttentionLayer(b.attn1.layer, "self") for b in self.transformer_blocks]
-        if self.record_cross:
+        if cross:
             layers += [AttentionLayer(b.attn2.layer, "cross", streams=("img", "txt")) for b in self.transformer_blocks]
         return layers
 

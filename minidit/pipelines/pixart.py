@@ -82,7 +82,7 @@ class PixArtRecipe:
                  width: int | None = None, max_sequence_length: int | None = None, record_cross: bool = False):
         self.folder, self.dtype, self.device = folder, dtype, device
         self.model: PixArt = load_pixart(folder / "transformer", dtype=dtype, device=device)
-        self.model.record_cross = record_cross
+        self.record_cross = record_cross
         self.scheduler_config = weights.read_json(folder / "scheduler" / "scheduler_config.json")
         self.tokenizer = T5Tokenizer(folder / "tokenizer")
         # NOTE(official): T5 v1.1 overflows in fp16; with an fp16 backbone the encoder runs in bf16.
@@ -148,7 +148,7 @@ class PixArtRecipe:
         return ("uncond", "cond") if guidance > 1 else ("cond",)
 
     def attention_layers(self) -> list[AttentionLayer]:
-        return self.model.attention_layers()
+        return self.model.attention_layers(cross=self.record_cross)
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, scheduler: DPMSolver | DDIM, guidance: float) -> torch.Tensor:
