@@ -92,7 +92,8 @@ MUTANTS = [
              '"resolution": torch.tensor([[w, h]] * len(text)'),),
         ("tests/test_pixart.py",)),
     Mutant("pixart-mask-inverted", "PixArt cross-attention masks the real tokens instead of the padding", (
-        edit(PIXART, "bias = ((1 - text_mask.to(x.dtype)) * MASK_BIAS)", "bias = (text_mask.to(x.dtype) * MASK_BIAS)"),),
+        edit(PIXART, "bias = ((1 - text_mask.to(x.dtype)) * MASK_BIAS)",
+             "bias = (text_mask.to(x.dtype) * MASK_BIAS)"),),
         ("tests/test_pixart.py",)),
     Mutant("sd3-final-shift-scale", "SD3 final adaLN read as (shift, scale) instead of (scale, shift)", (
         edit(SD3, "scale, shift = self.linear(F.silu(emb)).chunk(2, dim=1)",
