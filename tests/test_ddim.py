@@ -19,7 +19,9 @@ from minidit.errors import MiniditError
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 
 G = reference_generator()
-FIXTURE_TOLERANCE = 1e-6  # set from the measurement below, once made
+# Worst error against the fixtures measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
+# 2.1e-7 (a step, default) x 4 -> 9e-7.
+FIXTURE_TOLERANCE = 9e-7
 
 
 @cache

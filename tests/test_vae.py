@@ -37,7 +37,9 @@ from minidit.vae.autoencoder_kl import (
 )
 
 FIXTURES = ROOT / "tests" / "fixtures" / "vae"
-TOL = 1e-5
+# Worst fp32 error against the fixtures measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
+# 1.9e-6 (decode parity, default) x 4 -> 8e-6.
+TOL = 8e-6
 VAES, CASES = ("sd", "sd3"), ("square", "wide")
 SD_AUTOENCODER_PARAMS, SD3_AUTOENCODER_PARAMS = 83_653_863, 83_819_683  # checkpoints.md §10
 SD_PRESET, SD3_PRESET, FLUX_PRESET = ("stabilityai/sd-vae-ft-ema", "stabilityai/stable-diffusion-3-medium-diffusers",
