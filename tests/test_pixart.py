@@ -27,8 +27,12 @@ from minidit.models.pixart import PRESETS, PixArt, PixArtConfig, load_pixart, or
 from minidit.pipelines.pixart import PixArtRecipe, bucket, resize_and_crop
 
 G = reference_generator("generate_pixart")
-TOL = 1e-5  # fp32; measured: 0 for the transformer, see the recipe test for the whole pipeline
-RESIZE_TOLERANCE = 1e-6  # set from the measurement below, once made
+# fp32. Live (in-process): 0 for the transformer. Against the stored fixtures, worst measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
+# transformer 6.4e-6 (avx512) x 4 -> 2.6e-5; whole pipeline 1.54e-5 (the 700x1200 request, avx2) x 4 -> 6.2e-5;
+# resize-and-crop 3.2e-6 (default) x 4 -> 1.3e-5.
+TOL = 2.6e-5
+PIPELINE_TOL = 6.2e-5
+RESIZE_TOLERANCE = 1.3e-5
 
 
 @cache
@@ -162,7 +166,7 @@ def test_pipeline_final_latents(case, source):
                          G.PIPELINE_GUIDANCE)
     expected = stored()[f"pipeline/{case}/latents"] if source == "fixture" else G.reference_pipeline(
         G.FOLDER_1024, height, width)
-    assert scaled_error(latents, expected) < 1e-5
+    assert scaled_error(latents, expected) < PIPELINE_TOL
 
 
 def test_buckets():
