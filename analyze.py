@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from minidit.errors import MiniditError
+from minidit.pipelines.recipe import OPTIONS, Recipe
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -36,14 +37,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="initial noise seed, the same for every prompt (default 0)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on a GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    # the recipe options (minidit/pipelines/recipe.py: OPTIONS): each model takes some; not given = the model's own
     p.add_argument("--convention", choices=["diffusers", "original"],
                    help="DiT only: diffusers' DiTPipeline numerics (default) or the original repository's")
     p.add_argument("--height", type=int, help="text-to-image models: image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="text-to-image models: image width in pixels (default: the model's)")
+    p.add_argument("--frames", type=int, help="video models (none yet): frames to generate (default: the model's)")
     p.add_argument("--max-sequence-length", type=int, metavar="N",
                    help="text-to-image models: T5 tokens per prompt (default: the pipeline's: PixArt 120, "
                         "SD3 256, FLUX.1-dev 512, schnell 256)")
-    p.add_argument("--cross-attention", action="store_true",
+    p.add_argument("--cross-attention", action="store_true", default=None,
                    help="PixArt: also record the cross-attention layers (as extra layers of kind 'cross')")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/MODEL-SCHEDULER-Nsteps)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished prompts")
@@ -114,18 +117,18 @@ def analyze(args: argparse.Namespace) -> Path:
     from minidit.pipelines import model_spec, recipe_class
 
     spec = model_spec(args.model)
-    family = recipe_class(spec.family)
+    recipe_type = recipe_class(spec.family)  # what it takes, read before its weights are loaded
     if args.steps is not None and args.steps < 2:
         raise MiniditError(f"--steps must be at least 2 (the analysis compares consecutive steps), got {args.steps}")
-    scheduler_name = args.scheduler or family.default_scheduler
-    if scheduler_name not in family.schedulers:
+    scheduler_name = args.scheduler or recipe_type.default_scheduler
+    if scheduler_name not in recipe_type.schedulers:
         raise MiniditError(f"{spec.name} has no scheduler {scheduler_name!r}; choose one of "
-                           f"{', '.join(family.schedulers)}")
+                           f"{', '.join(recipe_type.schedulers)}")
+    options = recipe_options(recipe_type, args)
     check_paths(args)
     device = args.device or default_device()
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     folder = resolve_weights(spec, args.weights, args.revision, args.download_dir)
-    options = model_options(spec.family, args)
     recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
     prompts, source = read_prompts(args.prompts, args.num_prompts, recipe.default_prompts())
     for prompt in prompts:
@@ -147,23 +150,14 @@ def analyze(args: argparse.Namespace) -> Path:
     return finish(out)
 
 
-# the model-specific flags, by recipe family: flag -> keyword argument of the recipe
-FAMILY_OPTIONS = {
-    "dit": {"convention": "convention"},
-    "pixart": {"height": "height", "width": "width", "max_sequence_length": "max_sequence_length",
-               "cross_attention": "record_cross"},
-    "sd3": {"height": "height", "width": "width", "max_sequence_length": "max_sequence_length"},
-    "flux": {"height": "height", "width": "width", "max_sequence_length": "max_sequence_length"},
-}
-
-
-def model_options(family: str, args: argparse.Namespace) -> dict:
-    """The recipe's keyword arguments from the flags; a flag the model does not take is an error."""
-    allowed = FAMILY_OPTIONS.get(family, {})
-    for flag in sorted({o for opts in FAMILY_OPTIONS.values() for o in opts} - set(allowed)):
-        if getattr(args, flag) not in (None, False):
-            raise MiniditError(f"--{flag.replace('_', '-')} does not apply to {args.model}")
-    return {name: getattr(args, flag) for flag, name in allowed.items() if getattr(args, flag) is not None}
+def recipe_options(recipe_type: type[Recipe], args: argparse.Namespace) -> dict:
+    """The recipe options given as flags, by name (the recipe's keyword arguments); one the model does not take
+    (not in its declared `options`) is an error."""
+    given = {name: value for name, value in vars(args).items() if name in OPTIONS and value is not None}
+    refused = sorted(set(given) - set(recipe_type.options))
+    if refused:
+        raise MiniditError(f"--{refused[0].replace('_', '-')} does not apply to {args.model}")
+    return given
 
 
 def finish(out: Path) -> Path:

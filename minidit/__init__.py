@@ -10,7 +10,7 @@ Axis vocabulary, used in every file, comment and einops pattern:
 
 Public API (see minidit/api.py):
 
-    minidit.load_backbone(name_or_dir)   -> a recipe: backbone, scheduler config, labels
+    minidit.load_backbone(name_or_dir)   -> a recipe (the contract: minidit/pipelines/recipe.py, `Recipe`)
     minidit.sample(recipe, prompt, ...)  -> final latents, and the K/V/A sums when recording
     minidit.analysis.read_run(run_dir)   -> a finished run directory as numpy arrays
 """

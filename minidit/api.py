@@ -15,6 +15,7 @@ from minidit import weights
 from minidit.analysis.recorder import Recorder
 from minidit.errors import MiniditError
 from minidit.pipelines import MODELS, ModelSpec, model_spec, recipe_class
+from minidit.pipelines.recipe import Recipe
 
 
 def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revision: str | None = None,
@@ -36,20 +37,24 @@ def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revi
 
 
 def load_backbone(name: str = "dit-tiny", *, weights_dir: str | Path | None = None, revision: str | None = None,
-                  dtype: str = "fp32", device: str = "cpu", **options):
-    """A ready-to-sample recipe (backbone, scheduler config, labels) for a model name from `MODELS`."""
+                  dtype: str = "fp32", device: str = "cpu", **options) -> Recipe:
+    """A ready-to-sample recipe (backbone, scheduler config, labels) for a model name from `MODELS`; `options` are
+    those the recipe declares (e.g. height=512)."""
     spec = model_spec(name)
     folder = resolve_weights(spec, weights_dir, revision)
     return recipe_class(spec.family)(folder, dtype=weights.parse_dtype(dtype), device=device, **options)
 
 
-def sample(recipe, prompt: str, *, steps: int | None = None, scheduler: str | None = None,
+def sample(recipe: Recipe, prompt: str, *, steps: int | None = None, scheduler: str | None = None,
            guidance: float | None = None, seed: int = 0, record: bool = False,
            prev_on_host: bool = False) -> tuple[torch.Tensor, np.ndarray | None]:
     """Sample one prompt. With `record`, also return its float64 sums [layer, stream, branch, tensor, d, 7]."""
     steps = recipe.default_steps if steps is None else steps
     guidance = recipe.default_guidance if guidance is None else guidance
-    sched = recipe.make_scheduler(scheduler or recipe.default_scheduler, steps)
+    name = scheduler or recipe.default_scheduler
+    if name not in recipe.schedulers:
+        raise MiniditError(f"{recipe.name} has no scheduler {name!r}; choose one of {', '.join(recipe.schedulers)}")
+    sched = recipe.make_scheduler(name, steps)
     if not record:
         return recipe.generate(prompt, seed, sched, guidance), None
     recorder = Recorder(recipe.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,

@@ -162,8 +162,8 @@ MUTANTS = [
         edit("minidit/pipelines/dit.py", 'return ("cond", "uncond") if guidance > 1 else ("cond",)',
              'return ("uncond", "cond") if guidance > 1 else ("cond",)'),),
         ("tests/test_analysis.py",)),
-    Mutant("sd3-branch-order", "SD3 batch labelled [cond; uncond] while it is [uncond; cond]", (
-        edit("minidit/pipelines/sd3.py", 'return ("uncond", "cond") if guidance > 1 else ("cond",)',
+    Mutant("sd3-branch-order", "SD3 (and PixArt) batch labelled [cond; uncond] while it is [uncond; cond]", (
+        edit("minidit/pipelines/recipe.py", 'return ("uncond", "cond") if guidance > 1 else ("cond",)',
              'return ("cond", "uncond") if guidance > 1 else ("cond",)'),),
         ("tests/test_mmdit_analysis.py",)),
 ]

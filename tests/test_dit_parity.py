@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from minidit.attention import explicit_attention
 from minidit.models import dit
 from minidit.models.dit import DiT, DiTConfig, load_dit
-from minidit.pipelines.dit import initial_noise, sample
+from minidit.pipelines.dit import sample
+from minidit.pipelines.recipe import initial_noise
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 
 ORIGINAL_PT = FIXTURES / "original" / "DiT-tiny-2-64x64.pt"

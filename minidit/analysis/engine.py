@@ -7,6 +7,7 @@ records into tables and plots. They are separate steps so that several processes
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,14 @@ from tqdm.auto import tqdm
 import minidit
 from minidit.analysis.recorder import SUMS, TENSORS, Recorder, stream_axis
 from minidit.analysis.rundir import RunDir, write_atomic
+from minidit.pipelines import ModelSpec
+from minidit.pipelines.recipe import Recipe, Scheduler
+from minidit.schedulers.flow import FlowMatchEuler
 
 
-def build_manifest(recipe, spec, *, weights: str, revision: str | None, dtype: str, device: str, scheduler,
-                   guidance: float, seed: int, prompt_source: str, n_prompts: int, prev_on_host: bool) -> dict:
+def build_manifest(recipe: Recipe, spec: ModelSpec, *, weights: str, revision: str | None, dtype: str, device: str,
+                   scheduler: Scheduler, guidance: float, seed: int, prompt_source: str, n_prompts: int,
+                   prev_on_host: bool) -> dict:
     layers = recipe.attention_layers()
     return {
         "model": spec.name,
@@ -29,13 +34,11 @@ def build_manifest(recipe, spec, *, weights: str, revision: str | None, dtype: s
         "dtype": dtype,
         "device": str(device),
         "steps": len(scheduler.timesteps),
-        "scheduler": recipe.scheduler_manifest(scheduler),
+        "scheduler": scheduler_manifest(scheduler),
         "timesteps": [float(t) for t in scheduler.timesteps],
         "sigmas": [float(s) for s in scheduler.sigmas],
         "guidance": guidance,
-        "convention": getattr(recipe, "convention", None),
-        "resolution": list(recipe.resolution),
-        "frames": None,
+        **recipe.manifest_fields(),  # resolution, frames and what else the recipe's numbers depend on
         "seed": seed,
         "prompt_source": prompt_source,
         "n_prompts": n_prompts,
@@ -51,7 +54,13 @@ def build_manifest(recipe, spec, *, weights: str, revision: str | None, dtype: s
     }
 
 
-def run_prompts(recipe, prompts: list[str], run: RunDir, *, scheduler, guidance: float, seed: int,
+def scheduler_manifest(scheduler: Scheduler) -> dict:
+    """The scheduler's name, schedule and mu (flow matching), and config."""
+    flow = {"schedule": scheduler.schedule, "mu": scheduler.mu} if isinstance(scheduler, FlowMatchEuler) else {}
+    return {"name": scheduler.name, **flow, "config": asdict(scheduler.cfg)}
+
+
+def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: Scheduler, guidance: float, seed: int,
                 save_images: bool = False, save_latents: bool = False, prev_on_host: bool = False) -> int:
     """Sample and record every prompt whose record is missing; returns how many were done now."""
     steps = len(scheduler.timesteps)

@@ -1,22 +1,16 @@
 """The models `analyze.py` knows, by name: where their weights live and which recipe samples them."""
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from minidit.errors import MiniditError
+from minidit.pipelines.recipe import Recipe
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "weights"
-# the prompts of a text-to-image run when no --prompts file is given (PixArt, SD3, FLUX)
-TEXT_PROMPTS = (
-    "a red fox sitting in fresh snow at dawn, soft light",
-    "an astronaut riding a horse on the moon, photorealistic",
-    "a bowl of ramen with a soft-boiled egg, top view",
-    "a watercolor painting of a lighthouse on a rocky coast",
-    "a futuristic city skyline at night with neon signs, rain",
-    "a close-up portrait of an old fisherman with a grey beard",
-    "a cozy reading room with bookshelves and a fireplace",
-    "a macro photo of a dew-covered spider web in a garden",
-)
+# family -> the class implementing its `Recipe`, as "module:Class": imported (with its model) on first use
+RECIPES = {"dit": "minidit.pipelines.dit:DiTRecipe", "pixart": "minidit.pipelines.pixart:PixArtRecipe",
+           "sd3": "minidit.pipelines.sd3:SD3Recipe", "flux": "minidit.pipelines.flux:FluxRecipe"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +28,6 @@ class ModelSpec:
 
 _DIT_FILES = ("model_index.json", "transformer/config.json", "transformer/*.safetensors*", "transformer/*.bin",
               "scheduler/scheduler_config.json", "vae/config.json", "vae/*.safetensors", "vae/*.bin")
-
 
 
 def _weights(folder: str, stem: str) -> tuple[str, ...]:
@@ -81,21 +74,6 @@ def model_spec(name: str) -> ModelSpec:
     return spec
 
 
-def recipe_class(family: str):
-    if family == "dit":
-        from minidit.pipelines.dit import DiTRecipe
-
-        return DiTRecipe
-    if family == "pixart":
-        from minidit.pipelines.pixart import PixArtRecipe
-
-        return PixArtRecipe
-    if family == "sd3":
-        from minidit.pipelines.sd3 import SD3Recipe
-
-        return SD3Recipe
-    if family == "flux":
-        from minidit.pipelines.flux import FluxRecipe
-
-        return FluxRecipe
-    raise AssertionError(f"no recipe for family {family!r}")
+def recipe_class(family: str) -> type[Recipe]:
+    module, name = RECIPES[family].split(":")
+    return getattr(importlib.import_module(module), name)

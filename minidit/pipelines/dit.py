@@ -6,7 +6,6 @@ before the scheduler step. `convention="original"` follows facebookresearch/DiT'
 instead: guidance on the first 3 latent channels only, the 4th taken from the conditional half.
 """
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +15,11 @@ from minidit import weights
 from minidit.attention import AttentionLayer
 from minidit.errors import MiniditError
 from minidit.models.dit import DiT, load_dit
+from minidit.pipelines import recipe
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 from minidit.vae.autoencoder_kl import load_vae, to_uint8
 
 GUIDED_CHANNELS_ORIGINAL = 3  # NOTE(official): the original DiT guides 3 of the 4 latent channels
-
-
-def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """The reference pipelines' draw: torch.randn of `shape` from a CPU generator seeded with `seed`."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
-
-
-def branches(guidance: float) -> tuple[str, ...]:
-    """How the backbone's batch is laid out, for the recorder."""
-    return ("cond", "uncond") if guidance > 1 else ("cond",)
 
 
 @torch.no_grad()
@@ -48,12 +37,12 @@ def sample(model: DiT, scheduler: DDIM, labels: torch.Tensor, noise: torch.Tenso
     y = torch.cat([labels, torch.full_like(labels, model.config.num_embeds_ada_norm)])  # [cond; uncond]
     g = channels if convention == "diffusers" else GUIDED_CHANNELS_ORIGINAL
 
-    def guided(x, t):
+    def epsilon(x, t):
         x2 = torch.cat([x, x])
         cond, uncond = model(x2, _timesteps(t, x2), y)[:, :channels].chunk(2)  # learned-sigma channels dropped
-        return torch.cat([uncond[:, :g] + guidance * (cond[:, :g] - uncond[:, :g]), cond[:, g:]], dim=1)
+        return torch.cat([recipe.guided(uncond[:, :g], cond[:, :g], guidance), cond[:, g:]], dim=1)
 
-    return scheduler.sample(guided, noise)
+    return scheduler.sample(epsilon, noise)
 
 
 def _timesteps(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +52,8 @@ def _timesteps(t: int, x: torch.Tensor) -> torch.Tensor:
 class DiTRecipe:
     """DiT-XL/2 and dit-tiny for the analysis: a Hub-layout folder -> backbone, scheduler, labels, decoding."""
 
+    name = "DiT"
+    options = ("convention",)
     schedulers = ("ddim",)
     default_scheduler = "ddim"
     default_steps = 50  # DiTPipeline's num_inference_steps
@@ -73,15 +64,12 @@ class DiTRecipe:
     def __init__(self, folder: Path, *, dtype: torch.dtype, device: str, convention: str = "diffusers"):
         self.folder, self.dtype, self.device, self.convention = folder, dtype, device, convention
         self.model = load_dit(folder / "transformer", dtype=dtype, device=device, convention=convention)
+        self.num_classes, self.resolution = self.model.config.num_embeds_ada_norm, (self.model.config.sample_size,) * 2
         self.scheduler_config = DDIMConfig.from_hub(weights.read_json(folder / "scheduler" / "scheduler_config.json"))
         index = weights.read_json(folder / "model_index.json")
         self.id2label = {int(k): v for k, v in index.get("id2label", {}).items()}
         self.pixel_space = "vae" not in index  # dit-tiny draws RGB directly; DiT-XL/2 decodes with the SD VAE
         self.vae = None if self.pixel_space else load_vae(folder / "vae", dtype=dtype, device=device)
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.config.num_embeds_ada_norm
 
     def default_prompts(self) -> list[str]:
         if self.num_classes <= len(self.default_labels) or self.pixel_space:
@@ -102,11 +90,8 @@ class DiTRecipe:
     def make_scheduler(self, name: str, steps: int) -> DDIM:
         return DDIM(self.scheduler_config, steps)
 
-    def scheduler_manifest(self, scheduler: DDIM) -> dict:
-        return {"name": scheduler.name, "config": asdict(scheduler.cfg)}
-
     def branches(self, guidance: float) -> tuple[str, ...]:
-        return branches(guidance)
+        return ("cond", "uncond") if guidance > 1 else ("cond",)
 
     def attention_layers(self) -> list[AttentionLayer]:
         return self.model.attention_layers()
@@ -114,14 +99,12 @@ class DiTRecipe:
     def prepare(self, prompts: list[str]) -> None:
         """Nothing to precompute: class labels need no encoder."""
 
-    @property
-    def resolution(self) -> tuple[int, int]:
-        side = self.model.config.sample_size
-        return (side, side)
+    def manifest_fields(self) -> dict:
+        return {"convention": self.convention, "resolution": list(self.resolution), "frames": None}
 
     def generate(self, prompt: str, seed: int, scheduler: DDIM, guidance: float) -> torch.Tensor:
         cfg = self.model.config
-        noise = initial_noise((1, cfg.in_channels, *self.resolution), seed, self.dtype, self.device)
+        noise = recipe.initial_noise((1, cfg.in_channels, *self.resolution), seed, self.dtype, self.device)
         labels = torch.tensor([self.parse_prompt(prompt)], device=self.device)
         return sample(self.model, scheduler, labels, noise, guidance=guidance, convention=self.convention)
 

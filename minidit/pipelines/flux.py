@@ -26,7 +26,6 @@ T5-XXL is the largest part (4.8B parameters, 9.5 GB in bf16): `prepare(prompts)`
 once, then releases both text encoders.
 """
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +34,8 @@ from einops import rearrange
 
 from minidit import weights
 from minidit.attention import AttentionLayer
-from minidit.errors import MiniditError
 from minidit.models.flux import FluxTransformer, load_flux
-from minidit.pipelines import TEXT_PROMPTS
-from minidit.pipelines.dit import initial_noise
-from minidit.pipelines.prompts import encode_once, free_accelerator_memory, from_cache
+from minidit.pipelines import recipe
 from minidit.schedulers import flow
 from minidit.schedulers.flow import FlowMatchConfig, FlowMatchEuler
 from minidit.text.clip import load_clip
@@ -76,7 +72,9 @@ def image_ids(h: int, w: int) -> torch.Tensor:
 class FluxRecipe:
     """FLUX.1 dev / schnell for the analysis: a Hub-layout folder -> tokenizers, CLIP-L, T5, backbone, VAE."""
 
-    schedulers = ("flux", "sd3")
+    name = "FLUX"
+    options = ("height", "width", "max_sequence_length")
+    schedulers = ("flux", "sd3")  # each also names its schedule in minidit/schedulers/flow.py
     default_scheduler = "flux"
     # FLUX.1-dev's FluxPipeline defaults; an instance holding schnell (no guidance embedder) sets 4 and 0.0
     default_steps = 28
@@ -93,41 +91,27 @@ class FluxRecipe:
         self.tokenizer = CLIPTokenizer(folder / "tokenizer")
         self.tokenizer_2 = T5Tokenizer(folder / "tokenizer_2")
         self.text_encoder = load_clip(folder / "text_encoder", dtype=dtype, device=device)
-        # NOTE(official): T5 v1.1 overflows in fp16; with an fp16 backbone the encoder runs in bf16.
-        t5_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
-        self.text_encoder_2 = load_t5(folder / "text_encoder_2", dtype=t5_dtype, device=device)
+        self.text_encoder_2 = load_t5(folder / "text_encoder_2", dtype=recipe.t5_dtype(dtype), device=device)
         self.vae = load_vae(folder / "vae", dtype=dtype, device=device)
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent cell: 8
-        self.max_sequence_length = T5_LENGTH[self.distilled] if max_sequence_length is None else max_sequence_length
-        if not 1 <= self.max_sequence_length <= MAX_T5_LENGTH:
-            raise MiniditError(f"--max-sequence-length must be between 1 and {MAX_T5_LENGTH} for FLUX, got "
-                               f"{self.max_sequence_length}")
-        self.resolution = (DEFAULT_SIDE if height is None else height, DEFAULT_SIDE if width is None else width)
-        multiple = self.vae_scale * PACK
-        if min(self.resolution) < multiple or any(side % multiple for side in self.resolution):
-            raise MiniditError(f"--height and --width must be positive multiples of {multiple} for FLUX, got "
-                               f"{self.resolution}")
+        self.vae_scale = recipe.latent_scale(self.vae)
+        self.max_sequence_length = recipe.text_length(max_sequence_length, T5_LENGTH[self.distilled], MAX_T5_LENGTH,
+                                                      self.name)
+        self.resolution = recipe.image_size(height, width, DEFAULT_SIDE, self.vae_scale * PACK, self.name)
         self.embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> T5 states, pooled (host)
 
     # ---- prompts and text --------------------------------------------------------------------------------
 
-    def default_prompts(self) -> list[str]:
-        return list(TEXT_PROMPTS)
-
-    def parse_prompt(self, prompt: str) -> str:
-        return prompt
+    default_prompts, parse_prompt = recipe.text_prompts, recipe.as_given  # TEXT_PROMPTS; any text, as given
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt once, then release CLIP and T5 to free their memory."""
-        encode_once(self.embeddings, prompts, self._encode, "CLIP + T5")
+        recipe.encode_once(self.embeddings, prompts, self._encode, "CLIP + T5")
         self.text_encoder = self.text_encoder_2 = None
-        free_accelerator_memory()
+        torch.cuda.empty_cache()  # else the caching allocator keeps the encoders' memory
 
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 states (1, Lt, 4096) and the pooled CLIP-L vector (1, 768), in the backbone's dtype."""
-        if self.text_encoder is None:
-            raise MiniditError(f"the text encoders were released after prepare(); {text!r} was not among its prompts")
         clip_ids, _ = self.tokenizer([text], CLIP_LENGTH)
         pooled = self.text_encoder(clip_ids.to(self.device)).pooled
         t5_ids, _ = self.tokenizer_2([text], self.max_sequence_length)
@@ -135,19 +119,13 @@ class FluxRecipe:
         return states.to(self.dtype), pooled.to(self.dtype)
 
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return from_cache(self.embeddings, text, self.device, self._encode)
+        return recipe.from_cache(self.embeddings, text, self.device, self._encode, self.text_encoder is None)
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
     def make_scheduler(self, name: str, steps: int) -> FlowMatchEuler:
-        if name == "sd3":
-            return FlowMatchEuler(SD3_SCHEDULER, steps, schedule="sd3")
-        cfg = FlowMatchConfig.from_hub(self.scheduler_config)
-        return FlowMatchEuler(cfg, steps, image_seq_len=flow.image_seq_len(*self.resolution), schedule="flux")
-
-    def scheduler_manifest(self, scheduler: FlowMatchEuler) -> dict:
-        return {"name": scheduler.name, "schedule": scheduler.schedule, "mu": scheduler.mu,
-                "config": asdict(scheduler.cfg)}
+        cfg = SD3_SCHEDULER if name == "sd3" else FlowMatchConfig.from_hub(self.scheduler_config)
+        return FlowMatchEuler(cfg, steps, image_seq_len=flow.image_seq_len(*self.resolution), schedule=name)
 
     def branches(self, guidance: float) -> tuple[str, ...]:
         return ("cond",)  # dev's guidance is an input of the model, not a second batch half
@@ -155,11 +133,14 @@ class FluxRecipe:
     def attention_layers(self) -> list[AttentionLayer]:
         return self.model.attention_layers()
 
+    def manifest_fields(self) -> dict:
+        return {"resolution": list(self.resolution), "frames": None}
+
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, scheduler: FlowMatchEuler, guidance: float) -> torch.Tensor:
         """Final latents (1, 16, H / 8, W / 8) at the requested size (H, W), from the noise of `seed`."""
         h, w = (side // self.vae_scale for side in self.resolution)
-        noise = initial_noise((1, self.model.config.in_channels // PACK**2, h, w), seed, self.dtype, self.device)
+        noise = recipe.initial_noise((1, self.model.config.in_channels // PACK**2, h, w), seed, self.dtype, self.device)
         text, pooled = self.encode(prompt)
         img_ids = image_ids(h, w).to(self.device, self.dtype)
         txt_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=self.dtype)
@@ -174,5 +155,4 @@ class FluxRecipe:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """uint8 (B, H, W, 3) images."""
         return to_uint8(self.vae.decode(latents).float())

@@ -14,7 +14,6 @@ T5-XXL is the largest part (4.8B parameters, 9.5 GB in bf16): `prepare(prompts)`
 run once, then releases the encoder, so only the 0.6B transformer and the VAE stay on the accelerator.
 """
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,14 @@ import torch.nn.functional as F
 
 from minidit import weights
 from minidit.attention import AttentionLayer
-from minidit.errors import MiniditError
 from minidit.models.pixart import PixArt, load_pixart
-from minidit.pipelines import TEXT_PROMPTS
-from minidit.pipelines.dit import initial_noise
-from minidit.pipelines.prompts import encode_once, free_accelerator_memory, from_cache
+from minidit.pipelines import recipe
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 from minidit.schedulers.dpm_solver import DPMSolver, DPMSolverConfig
 from minidit.text.t5 import load_t5
 from minidit.text.t5_tokenizer import T5Tokenizer
 from minidit.vae.autoencoder_kl import load_vae, to_uint8
 
-NEGATIVE_PROMPT = ""
 # Aspect-ratio buckets of the 1024 model, "height / width" -> [height, width] in pixels (diffusers'
 # ASPECT_RATIO_1024_BIN). The 512 and 256 models use the same buckets scaled by 1/2 and 1/4.
 ASPECT_RATIO_BINS_1024 = {
@@ -47,6 +42,7 @@ ASPECT_RATIO_BINS_1024 = {
     "2.5": (1600, 640), "3.0": (1728, 576), "4.0": (2048, 512),
 }
 BINNED_SAMPLE_SIZES = (128, 64, 32)  # the latent sizes diffusers has buckets for (1024, 512 and 256 px)
+DEFAULT_T5_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length
 
 
 def bucket(height: int, width: int, sample_size: int) -> tuple[int, int]:
@@ -72,67 +68,50 @@ def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tens
 class PixArtRecipe:
     """PixArt-α for the analysis: a Hub-layout folder -> tokenizer, T5, backbone, scheduler, VAE."""
 
+    name = "PixArt-α"
+    options = ("height", "width", "max_sequence_length", "cross_attention")
     schedulers = ("dpm-solver++", "ddim")
     default_scheduler = "dpm-solver++"
     default_steps = 20  # PixArtAlphaPipeline's num_inference_steps
     default_guidance = 4.5  # PixArtAlphaPipeline's guidance_scale
-    default_max_sequence_length = 120
 
     def __init__(self, folder: Path, *, dtype: torch.dtype, device: str, height: int | None = None,
-                 width: int | None = None, max_sequence_length: int | None = None, record_cross: bool = False):
+                 width: int | None = None, max_sequence_length: int | None = None, cross_attention: bool = False):
         self.folder, self.dtype, self.device = folder, dtype, device
         self.model: PixArt = load_pixart(folder / "transformer", dtype=dtype, device=device)
-        self.record_cross = record_cross
+        self.cross_attention = cross_attention
         self.scheduler_config = weights.read_json(folder / "scheduler" / "scheduler_config.json")
         self.tokenizer = T5Tokenizer(folder / "tokenizer")
-        # NOTE(official): T5 v1.1 overflows in fp16; with an fp16 backbone the encoder runs in bf16.
-        text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
-        self.text_encoder = load_t5(folder / "text_encoder", dtype=text_dtype, device=device)
+        self.text_encoder = load_t5(folder / "text_encoder", dtype=recipe.t5_dtype(dtype), device=device)
         self.vae = load_vae(folder / "vae", dtype=dtype, device=device)
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent cell: 8
-        self.max_sequence_length = (self.default_max_sequence_length if max_sequence_length is None
-                                    else max_sequence_length)
-        if self.max_sequence_length < 1:
-            raise MiniditError(f"--max-sequence-length must be at least 1, got {self.max_sequence_length}")
+        self.vae_scale = recipe.latent_scale(self.vae)
+        self.max_sequence_length = recipe.text_length(max_sequence_length, DEFAULT_T5_LENGTH, None, self.name)
         sample_size = self.model.config.sample_size
-        side = sample_size * self.vae_scale
-        self.requested = (side if height is None else height, side if width is None else width)
-        if min(self.requested) < 1:
-            raise MiniditError(f"--height and --width must be positive, got {self.requested}")
-        multiple = self.vae_scale * self.model.config.patch_size
-        if sample_size in BINNED_SAMPLE_SIZES:
-            self.resolution = bucket(*self.requested, sample_size)  # what the model runs at
-        elif any(side % multiple for side in self.requested):
-            raise MiniditError(f"--height and --width must be multiples of {multiple}, got {self.requested}")
-        else:
-            self.resolution = self.requested
+        binned = sample_size in BINNED_SAMPLE_SIZES  # any size: diffusers maps it to the nearest bucket
+        multiple = 1 if binned else self.vae_scale * self.model.config.patch_size
+        self.requested = recipe.image_size(height, width, sample_size * self.vae_scale, multiple, self.name)
+        self.resolution = bucket(*self.requested, sample_size) if binned else self.requested  # what the model runs at
         self.embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> T5 states, mask (host)
 
     # ---- prompts and text --------------------------------------------------------------------------------
 
-    def default_prompts(self) -> list[str]:
-        return list(TEXT_PROMPTS)
-
-    def parse_prompt(self, prompt: str) -> str:
-        return prompt
+    default_prompts, parse_prompt = recipe.text_prompts, recipe.as_given  # TEXT_PROMPTS; any text, as given
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt (and the empty negative prompt) once, then release T5 to free its memory."""
-        encode_once(self.embeddings, [NEGATIVE_PROMPT, *prompts], self._encode, "T5")
+        recipe.encode_once(self.embeddings, [recipe.NEGATIVE_PROMPT, *prompts], self._encode, "T5")
         self.text_encoder = None
-        free_accelerator_memory()
+        torch.cuda.empty_cache()  # else the caching allocator keeps the encoders' memory
 
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 states (1, Lt, 4096) in the backbone's dtype and the attention mask (1, Lt)."""
-        if self.text_encoder is None:
-            raise MiniditError(f"the text encoder was released after prepare(); {text!r} was not among its prompts")
         ids, mask = self.tokenizer([text.lower().strip()], self.max_sequence_length)
         states = self.text_encoder(ids.to(self.device), mask.to(self.device))
         return states.to(self.dtype), mask.to(self.device)
 
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return from_cache(self.embeddings, text, self.device, self._encode)
+        return recipe.from_cache(self.embeddings, text, self.device, self._encode, self.text_encoder is None)
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
@@ -141,42 +120,32 @@ class PixArtRecipe:
             return DDIM(DDIMConfig.from_hub(self.scheduler_config), steps)
         return DPMSolver(DPMSolverConfig.from_hub(self.scheduler_config), steps)
 
-    def scheduler_manifest(self, scheduler: DPMSolver | DDIM) -> dict:
-        return {"name": scheduler.name, "config": asdict(scheduler.cfg)}
-
-    def branches(self, guidance: float) -> tuple[str, ...]:
-        return ("uncond", "cond") if guidance > 1 else ("cond",)
+    branches = recipe.uncond_cond  # [uncond; cond] with guidance
 
     def attention_layers(self) -> list[AttentionLayer]:
-        return self.model.attention_layers(cross=self.record_cross)
+        return self.model.attention_layers(cross=self.cross_attention)
+
+    def manifest_fields(self) -> dict:
+        return {"resolution": list(self.resolution), "frames": None}
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, scheduler: DPMSolver | DDIM, guidance: float) -> torch.Tensor:
         """Final latents (1, 4, h / 8, w / 8) at the bucket's size (h, w), from the noise of `seed`."""
         cfg = self.model.config
         h, w = self.resolution
-        noise = initial_noise((1, cfg.in_channels, h // self.vae_scale, w // self.vae_scale), seed, self.dtype,
-                              self.device)
-        text, mask = self.encode(prompt)
-        guided = guidance > 1
-        if guided:
-            negative, negative_mask = self.encode(NEGATIVE_PROMPT)
-            text, mask = torch.cat([negative, text]), torch.cat([negative_mask, mask])  # [uncond; cond]
+        noise = recipe.initial_noise((1, cfg.in_channels, h // self.vae_scale, w // self.vae_scale), seed,
+                                     self.dtype, self.device)
+        text, mask = recipe.text_batch(self.encode, prompt, guidance)  # [uncond; cond] with guidance
         micro = {}
         if cfg.use_additional_conditions:
             micro = {"resolution": torch.tensor([[h, w]] * len(text), dtype=self.dtype, device=self.device),
                      "aspect_ratio": torch.tensor([[h / w]] * len(text), dtype=self.dtype, device=self.device)}
 
         def epsilon(x: torch.Tensor, t: int) -> torch.Tensor:
-            xx = torch.cat([x, x]) if guided else x
-            timesteps = torch.full((len(xx),), t, device=self.device)
-            out = self.model(xx, timesteps, text, mask, **micro)[:, : cfg.in_channels]  # learned sigma dropped
-            if not guided:
-                return out
-            uncond, cond = out.chunk(2)
-            return uncond + guidance * (cond - uncond)
+            timesteps = torch.full((len(x),), t, device=self.device)
+            return self.model(x, timesteps, text, mask, **micro)[:, : cfg.in_channels]  # learned sigma dropped
 
-        return scheduler.sample(epsilon, noise)
+        return scheduler.sample(recipe.with_guidance(epsilon, guidance), noise)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,156 @@
+"""The recipe contract, `Recipe`: all that analyze.py, the analysis engine and the API ask of a model family's
+recipe (dit.py, pixart.py, sd3.py, flux.py: each has these members and inherits nothing); then what they share."""
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from minidit.attention import AttentionLayer
+from minidit.errors import MiniditError
+from minidit.schedulers.ddim import DDIM
+from minidit.schedulers.dpm_solver import DPMSolver
+from minidit.schedulers.flow import FlowMatchEuler
+from minidit.vae.autoencoder_kl import AutoencoderKLDecoder
+
+Scheduler = DDIM | DPMSolver | FlowMatchEuler
+# Every option a recipe may take: a keyword argument of its constructor, and the analyze.py flag of the same name
+# (max_sequence_length is --max-sequence-length). Not given (None) means the model's default.
+OPTIONS = ("convention", "height", "width", "frames", "max_sequence_length", "cross_attention")
+
+
+class Recipe(Protocol):
+    """A model family sampled as its reference pipeline does; the ClassVars are read before building (loading) one."""
+
+    name: ClassVar[str]  # the family, in messages
+    options: ClassVar[tuple[str, ...]]  # the OPTIONS its constructor takes; analyze.py refuses the other flags
+    schedulers: ClassVar[tuple[str, ...]]  # the --scheduler names it can make
+    default_scheduler: ClassVar[str]
+    default_steps: int  # the reference pipeline's defaults, which may depend on the weights (FLUX schnell)
+    default_guidance: float  # <= 1: the conditional branch alone
+    model: torch.nn.Module  # the backbone, where the recorder attaches
+    device: str
+
+    def __init__(self, folder: Path, *, dtype: torch.dtype, device: str) -> None: ...  # + its options, as keywords
+    def default_prompts(self) -> list[str]: ...  # a run's prompts when no prompt file is given
+    def parse_prompt(self, prompt: str) -> object: ...  # as the model takes it (DiT: a class id), or an error
+    def make_scheduler(self, name: str, steps: int) -> Scheduler: ...
+    def branches(self, guidance: float) -> tuple[str, ...]: ...  # the batch's halves in order ("cond" alone)
+    def attention_layers(self) -> list[AttentionLayer]: ...  # the recorded layers, in the model's order
+    def manifest_fields(self) -> dict: ...  # manifest.json's "resolution", "frames" (None: images), DiT's "convention"
+    def prepare(self, prompts: list[str]) -> None: ...  # before a run's prompts: e.g. encode them, free the encoders
+    def generate(self, prompt: str, seed: int, scheduler: Scheduler, guidance: float) -> torch.Tensor: ...  # latents
+    def decode(self, latents: torch.Tensor) -> np.ndarray: ...  # uint8 (B, H, W, 3) images
+
+
+# ---- shared by the recipes -------------------------------------------------------------------------------------
+
+def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """The reference pipelines' draw: torch.randn of `shape` from a CPU generator seeded with `seed`."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
+def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + g (cond - uncond)."""
+    return uncond + guidance * (cond - uncond)
+
+
+def t5_dtype(dtype: torch.dtype) -> torch.dtype:
+    """NOTE(official): T5 v1.1 overflows in fp16; with an fp16 backbone the encoder runs in bf16."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
+def latent_scale(vae: AutoencoderKLDecoder) -> int:
+    """Pixels per latent cell of a VAE decoder: 8 for the SD VAEs."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def image_size(height: int | None, width: int | None, default: int, multiple: int, name: str) -> tuple[int, int]:
+    """--height and --width (the model's `default` side where not given), positive multiples of `multiple`."""
+    size = (default if height is None else height, default if width is None else width)
+    if min(size) < multiple or any(side % multiple for side in size):
+        what = "positive" if multiple == 1 else f"positive multiples of {multiple}"
+        raise MiniditError(f"--height and --width must be {what} for {name}, got {size}")
+    return size
+
+
+def text_length(length: int | None, default: int, maximum: int | None, name: str) -> int:
+    """--max-sequence-length (`default` where not given), from 1 to `maximum` tokens (None: no maximum)."""
+    length = default if length is None else length
+    if length < 1 or maximum is not None and length > maximum:
+        what = "at least 1" if maximum is None else f"between 1 and {maximum}"
+        raise MiniditError(f"--max-sequence-length must be {what} for {name}, got {length}")
+    return length
+
+
+# ---- text-to-image: prompts encoded once, guidance on the batch [uncond; cond] -----------------------------------
+
+# The prompts of a text-to-image run when no --prompts file is given (PixArt, SD3, FLUX)
+TEXT_PROMPTS = (
+    "a red fox sitting in fresh snow at dawn, soft light",
+    "an astronaut riding a horse on the moon, photorealistic",
+    "a bowl of ramen with a soft-boiled egg, top view",
+    "a watercolor painting of a lighthouse on a rocky coast",
+    "a futuristic city skyline at night with neon signs, rain",
+    "a close-up portrait of an old fisherman with a grey beard",
+    "a cozy reading room with bookshelves and a fireplace",
+    "a macro photo of a dew-covered spider web in a garden",
+)
+NEGATIVE_PROMPT = ""  # the unconditional branch (PixArt, SD3) is the encoding of the empty prompt
+Encoding = tuple[torch.Tensor, ...]  # a prompt's text tensors, e.g. T5 states and their mask
+Predict = Callable[[torch.Tensor, float], torch.Tensor]  # the backbone's output for latents x at scheduler time t
+
+
+def encode_once(cache: dict[str, Encoding], texts: Iterable[str], encode: Callable[[str], Encoding],
+                desc: str) -> None:
+    """Encode every text not yet in `cache` (a progress bar when there are several) and keep it on the host, so
+    that the recipe can release its text encoders before sampling (T5-XXL alone is 9.5 GB in bf16)."""
+    todo = [text for text in dict.fromkeys(texts) if text not in cache]
+    for text in tqdm(todo, desc=desc, disable=None if len(todo) > 1 else True):
+        cache[text] = tuple(v.cpu() for v in encode(text))
+
+
+def from_cache(cache: dict[str, Encoding], text: str, device: str | torch.device, encode: Callable[[str], Encoding],
+               released: bool) -> Encoding:
+    """The cached encoding of `text` on `device`, or a fresh one when it was not prepared (the encoders are kept)."""
+    if text in cache:
+        return tuple(v.to(device) for v in cache[text])
+    if released:
+        raise MiniditError(f"the text encoders were released after prepare(); {text!r} was not among its prompts")
+    return encode(text)
+
+
+# default_prompts, parse_prompt (any text) and branches (of the batches below) of the text-to-image recipes
+def text_prompts(self: Recipe) -> list[str]:
+    return list(TEXT_PROMPTS)
+
+
+def as_given(self: Recipe, prompt: str) -> str:
+    return prompt
+
+
+def uncond_cond(self: Recipe, guidance: float) -> tuple[str, ...]:
+    return ("uncond", "cond") if guidance > 1 else ("cond",)
+
+
+def text_batch(encode: Callable[[str], Encoding], prompt: str, guidance: float) -> Encoding:
+    """The prompt's encoding; with guidance, each of its tensors in the batch [negative prompt; prompt]."""
+    if guidance <= 1:
+        return encode(prompt)
+    return tuple(torch.cat([uncond, cond]) for uncond, cond in zip(encode(NEGATIVE_PROMPT), encode(prompt)))
+
+
+def with_guidance(predict: Predict, guidance: float) -> Predict:
+    """`predict` run on [x; x] against a `text_batch`, its halves combined by `guided`; alone without guidance."""
+    if guidance <= 1:
+        return predict
+
+    def guided_predict(x: torch.Tensor, t: float) -> torch.Tensor:
+        uncond, cond = predict(torch.cat([x, x]), t).chunk(2)
+        return guided(uncond, cond, guidance)
+
+    return guided_predict
