@@ -7,11 +7,14 @@ This module knows no model. Each model file keeps its own key map and calls:
     with torch.device("meta"): model = Model(cfg)
     load_into(model, sd, dtype=..., device=...)                       # strict: names and shapes checked
 
+A second checkpoint layout goes through the model's rename table and `rename` (see "rename tables" below).
 Every failure a user can fix raises `MiniditError` with a message saying what to do.
 """
 
 import json
 import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -194,6 +197,94 @@ def _stored_bytes(dtype_name: str, shape: tuple[int, ...]) -> int:
     return count * SAFETENSORS_DTYPES[dtype_name]
 
 
+# ---- rename tables: a second checkpoint layout -----------------------------------------------------------
+#
+# A model file writes a second layout (e.g. FLUX's BFL single file) as a table, one row per source tensor: a Hub key
+# or a named operation. "{i}" (any "{name}") is a block index, expanded over the blocks `rename` is given for it:
+#     "blocks.{i}.attn.qkv.weight": split("transformer_blocks.{i}.attn1.to_{}.weight", "q", "k", "v"),
+
+@dataclass(frozen=True)
+class Rule:
+    """One source tensor -> the Hub tensors `targets`, made by `make` (a plain rename passes it through)."""
+    targets: tuple[str, ...]
+    make: Callable[[torch.Tensor], Sequence[torch.Tensor]] = lambda t: [t]
+    shared: bool = False  # the targets have a block index the source key lacks: one copy per block
+
+
+def split(target: str, *parts: str, sizes: tuple[int, ...] | None = None) -> Rule:
+    """A fused tensor cut along dim 0 into `target` with "{}" replaced by each of `parts`, in order: equal parts,
+    or parts in the proportions `sizes` (FLUX's linear1 is q, k, v, mlp = 1:1:1:4)."""
+    sizes = sizes or (1,) * len(parts)
+    return Rule(tuple(target.replace("{}", part) for part in parts),
+                lambda t: t.split([len(t) // sum(sizes) * size for size in sizes]))
+
+
+def swap_halves(target: str) -> Rule:
+    """(a, b) stored where the Hub layout keeps (b, a) along dim 0, e.g. (shift, scale) -> (scale, shift)."""
+    return Rule((target,), lambda t: [torch.cat(t.chunk(2)[::-1])])
+
+
+def shared(target: str) -> Rule:
+    """One tensor copied into every block: `target` has a block index, the source key none."""
+    return Rule((target,), shared=True)
+
+
+DROP = Rule((), lambda t: [])  # a source tensor with no Hub counterpart (e.g. a fixed table), ignored if present
+
+
+def as_rule(rule: str | Rule) -> Rule:
+    return Rule((rule,)) if isinstance(rule, str) else rule
+
+
+def weight_and_bias(modules: dict[str, str | Rule]) -> dict[str, Rule]:
+    """Module rows -> tensor rows: each row stands for the module's `.weight` and `.bias`."""
+    rules = {src: as_rule(rule) for src, rule in modules.items()}
+    return {f"{src}.{param}": replace(rule, targets=tuple(f"{t}.{param}" for t in rule.targets))
+            for src, rule in rules.items() for param in ("weight", "bias")}
+
+
+def block_indices(pattern: str, blocks: dict[str, Sequence[int]]) -> list[dict[str, int]]:
+    """[{name: 0}, {name: 1}, ...] over the blocks of the index "{name}" in `pattern`; [{}] if it has none."""
+    names = [name for name in blocks if f"{{{name}}}" in pattern]
+    assert len(names) <= 1, f"{pattern} has more than one block index"
+    return [{name: i} for name in names for i in blocks[name]] if names else [{}]
+
+
+def source_keys(table: dict[str, str | Rule], blocks: dict[str, Sequence[int]]) -> dict[str, tuple[Rule, list]]:
+    """Every source key `table` names -> its rule and, for each of the rule's targets, the Hub keys it makes."""
+    rows = {}
+    for pattern, rule in table.items():
+        rule = as_rule(rule)
+        for index in block_indices(pattern, blocks):
+            key = pattern.format(**index)
+            assert key not in rows, f"the rename table names {key} twice"
+            copies = lambda t: block_indices(t, blocks) if rule.shared else [index]  # shared: one per block
+            rows[key] = rule, [[target.format(**i) for i in copies(target)] for target in rule.targets]
+    return rows
+
+
+def rename(sd: dict[str, torch.Tensor], table: dict[str, str | Rule], *, blocks: dict[str, Sequence[int]],
+           source: str) -> dict[str, torch.Tensor]:
+    """Apply a rename table: `sd` must hold exactly the table's source keys (DROP rows may be absent); returns
+    the Hub-layout state dict, each Hub key made once. `source` says what `sd` is, for the error message."""
+    rows = source_keys(table, blocks)
+    missing = sorted(k for k, (rule, _) in rows.items() if k not in sd and rule is not DROP)
+    unexpected = sorted(set(sd) - set(rows))
+    if missing or unexpected:
+        problems = [f"{verb} {len(keys)} {what} (e.g. {', '.join(keys[:3])})" for verb, what, keys in (
+            ("lacks", "of its tensors", missing), ("holds", "it should not", unexpected)) if keys]
+        raise MiniditError(f"{source} {' and '.join(problems)}: is it the right file, and the right config?")
+    out = {}
+    for key, (rule, targets) in rows.items():
+        if key not in sd:
+            continue  # an absent DROP row
+        for hub_keys, tensor in zip(targets, rule.make(sd[key]), strict=True):
+            for hub_key in hub_keys:
+                assert hub_key not in out, f"the rename table makes {hub_key} twice"
+                out[hub_key] = tensor
+    return out
+
+
 # ---- loading into a model ----------------------------------------------------------------------------
 
 def key_report(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
@@ -210,13 +301,6 @@ def key_report(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int,
         lines.append(f"{len(misshaped)} with the wrong shape (e.g. {k}: expected {tuple(expected[k])}, "
                      f"found {tuple(found[k])})")
     return lines
-
-
-def check_keys(sd: dict[str, torch.Tensor], expected: set[str], *, source: str) -> None:
-    """Key-name check for layouts that are renamed before loading (shapes are checked after renaming)."""
-    report = key_report({k: () for k in expected}, {k: () for k in sd})
-    if report:
-        raise MiniditError(f"{source} does not match the expected checkpoint layout: {'; '.join(report)}")
 
 
 def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, dtype: torch.dtype, device: str | torch.device,

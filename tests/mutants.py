@@ -100,8 +100,22 @@ MUTANTS = [
              "shift, scale = self.linear(F.silu(emb)).chunk(2, dim=1)"),),
         ("tests/test_mmdit.py",)),
     Mutant("flux-bfl-final-not-swapped", "FLUX BFL single file: final (shift, scale) loaded without the swap", (
-        edit(FLUX, "out[f\"{target}.{param}\"] = torch.cat([scale, shift], dim=0)",
-             "out[f\"{target}.{param}\"] = torch.cat([shift, scale], dim=0)"),),
+        edit(FLUX, '"final_layer.adaLN_modulation.1": swap_halves("norm_out.linear"),',
+             '"final_layer.adaLN_modulation.1": "norm_out.linear",'),),
+        ("tests/test_mmdit.py",)),
+
+    # ---- second checkpoint layouts: the rename tables
+    Mutant("dit-original-qkv-order", "original DiT .pt: the fused qkv split as (k, q, v)", (
+        edit(DIT, 'split("transformer_blocks.{i}.attn1.to_{}", "q", "k", "v")',
+             'split("transformer_blocks.{i}.attn1.to_{}", "k", "q", "v")'),),
+        ("tests/test_dit_parity.py",)),
+    Mutant("pixart-original-kv-order", "original PixArt .pth: the cross-attention's fused kv split as (v, k)", (
+        edit(PIXART, 'split("transformer_blocks.{i}.attn2.to_{}", "k", "v")',
+             'split("transformer_blocks.{i}.attn2.to_{}", "v", "k")'),),
+        ("tests/test_pixart.py::test_original_pth_layout",)),
+    Mutant("sd3-single-file-last-not-swapped", "SD3 single file: the last block's text (shift, scale) not swapped", (
+        edit(SD3, 'swap_halves("transformer_blocks.{last}.norm1_context.linear")',
+             '"transformer_blocks.{last}.norm1_context.linear"'),),
         ("tests/test_mmdit.py",)),
     Mutant("rope-theta", "RoPE theta 1000 instead of 10000", (
         edit(FLUX, "ROPE_THETA = 10000.0", "ROPE_THETA = 1000.0"),),

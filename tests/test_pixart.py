@@ -131,7 +131,7 @@ def test_original_layout_covers_every_fullsize_key(name):
     with torch.device("meta"):
         sd = PixArt(PRESETS[name]).state_dict()
     original = G.to_original(sd, torch.Generator().manual_seed(0))
-    converted = original_to_hub({k: v for k, v in original.items()})
+    converted = original_to_hub(original, PRESETS[name])
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in sd.items()}
 
 

@@ -1,5 +1,6 @@
 """The checkpoint loader on files generated in temporary folders: single and sharded safetensors, torch pickles,
-preference order, header-only reads, damaged files, strict key checks, dtype casts, and the Hub error messages."""
+preference order, header-only reads, damaged files, strict key checks, rename tables, dtype casts, and the Hub error
+messages."""
 
 import importlib
 import json
@@ -14,7 +15,20 @@ from safetensors.torch import save_file
 
 from minidit import weights
 from minidit.errors import MiniditError
-from minidit.weights import check_keys, find_weights, key_report, load_file, load_folder, load_into, safetensors_header
+from minidit.weights import (
+    DROP,
+    find_weights,
+    key_report,
+    load_file,
+    load_folder,
+    load_into,
+    rename,
+    safetensors_header,
+    shared,
+    split,
+    swap_halves,
+    weight_and_bias,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "dit"
@@ -275,10 +289,51 @@ def test_key_report_lists_everything():
                       "1 with the wrong shape (e.g. b: expected (2,), found (5,))"]
 
 
-def test_check_keys():
-    check_keys({"a": torch.zeros(1)}, {"a"}, source="x")
-    with pytest.raises(MiniditError, match=r"x does not match.*missing \(e\.g\. b\).*unexpected \(e\.g\. c\)"):
-        check_keys({"a": torch.zeros(1), "c": torch.zeros(1)}, {"a", "b"}, source="x")
+TABLE = {  # every operation of the rename language once; "{i}" over 2 blocks
+    **weight_and_bias({"blocks.{i}.qkv": split("layers.{i}.to_{}", "q", "k", "v")}),
+    "blocks.{i}.linear1.weight": split("layers.{i}.{}", "q", "mlp", sizes=(1, 2)),
+    "final.mod.weight": swap_halves("norm_out.weight"),
+    "embed.weight": shared("layers.{i}.embed.weight"),
+    "blocks.{i}.scale": "layers.{i}.weight",
+    "pos_embed": DROP,
+}
+
+
+def original_layout(g: torch.Generator) -> dict[str, torch.Tensor]:
+    sd = {f"blocks.{i}.{name}": torch.randn(shape, generator=g) for i in range(2)
+          for name, shape in (("qkv.weight", (6, 2)), ("qkv.bias", (6,)), ("linear1.weight", (3, 2)), ("scale", (2,)))}
+    return sd | {"final.mod.weight": torch.randn(4, 2, generator=g), "embed.weight": torch.randn(5, 2, generator=g),
+                 "pos_embed": torch.randn(1, 4, 2, generator=g)}
+
+
+def test_rename_table_operations():
+    sd = original_layout(torch.Generator().manual_seed(0))
+    out = rename(sd, TABLE, blocks={"i": range(2)}, source="x")
+    assert len(out) == 2 * (6 + 2 + 1 + 1) + 1
+    for i in range(2):
+        for param in ("weight", "bias"):
+            q, k, v = (out[f"layers.{i}.to_{n}.{param}"] for n in "qkv")
+            assert torch.equal(torch.cat([q, k, v]), sd[f"blocks.{i}.qkv.{param}"]) and len(q) == 2
+        assert torch.equal(out[f"layers.{i}.q"], sd[f"blocks.{i}.linear1.weight"][:1])
+        assert torch.equal(out[f"layers.{i}.mlp"], sd[f"blocks.{i}.linear1.weight"][1:])
+        assert out[f"layers.{i}.embed.weight"] is sd["embed.weight"]  # one tensor, copied into every block by name
+        assert out[f"layers.{i}.weight"] is sd[f"blocks.{i}.scale"]
+    shift, scale = sd["final.mod.weight"].chunk(2)
+    assert torch.equal(out["norm_out.weight"], torch.cat([scale, shift]))
+    del sd["pos_embed"]  # a DROP row may be absent
+    assert rename(sd, TABLE, blocks={"i": range(2)}, source="x").keys() == out.keys()
+
+
+def test_rename_refuses_missing_and_unknown_tensors():
+    sd = original_layout(torch.Generator().manual_seed(0))
+    with pytest.raises(MiniditError, match=r"^x lacks 1 of its tensors \(e\.g\. blocks\.1\.scale\) and holds 1 "
+                                           r"it should not \(e\.g\. extra\)"):
+        rename({k: v for k, v in sd.items() if k != "blocks.1.scale"} | {"extra": sd["pos_embed"]}, TABLE,
+               blocks={"i": range(2)}, source="x")
+    with pytest.raises(MiniditError, match=r"x lacks 4 of its tensors \(e\.g\. blocks\.2\.linear1\.weight"):
+        rename(sd, TABLE, blocks={"i": range(3)}, source="x")  # a config with one block more than the file
+    with pytest.raises(AssertionError, match="makes layers.0.weight twice"):  # a table bug, not a user error
+        rename(sd, TABLE | {"embed.weight": shared("layers.{i}.weight")}, blocks={"i": range(2)}, source="x")
 
 
 def test_dit_folder_with_a_wrong_config(tmp_path):

@@ -26,6 +26,7 @@ from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, timestep_embedding, unpatchify
+from minidit.weights import DROP, shared, split, weight_and_bias
 
 FREQ_DIM = 256  # width of the timestep sinusoid fed to the timestep MLP
 
@@ -179,50 +180,32 @@ class DiT(nn.Module):
 
 # ---- checkpoints -------------------------------------------------------------------------------------
 
-# The original facebookresearch/DiT state dict -> the Hub (diffusers) layout. "{i}" is a block index;
-# keys marked SHARED are copied into every block; "qkv" tensors are split into three.
+# The original facebookresearch/DiT state dict -> the Hub (diffusers) layout (a table for `weights.rename`). "{i}" is
+# a block index; the original keeps one timestep and class embedder, which the Hub layout copies into every block.
 ORIGINAL_TO_HUB = {
-    "x_embedder.proj.weight": "pos_embed.proj.weight",
-    "x_embedder.proj.bias": "pos_embed.proj.bias",
-    "t_embedder.mlp.0.weight": "SHARED norm1.emb.timestep_embedder.linear_1.weight",
-    "t_embedder.mlp.0.bias": "SHARED norm1.emb.timestep_embedder.linear_1.bias",
-    "t_embedder.mlp.2.weight": "SHARED norm1.emb.timestep_embedder.linear_2.weight",
-    "t_embedder.mlp.2.bias": "SHARED norm1.emb.timestep_embedder.linear_2.bias",
-    "y_embedder.embedding_table.weight": "SHARED norm1.emb.class_embedder.embedding_table.weight",
-    "blocks.{i}.adaLN_modulation.1.weight": "transformer_blocks.{i}.norm1.linear.weight",
-    "blocks.{i}.adaLN_modulation.1.bias": "transformer_blocks.{i}.norm1.linear.bias",
-    "blocks.{i}.attn.qkv.weight": "transformer_blocks.{i}.attn1.to_{q,k,v}.weight",
-    "blocks.{i}.attn.qkv.bias": "transformer_blocks.{i}.attn1.to_{q,k,v}.bias",
-    "blocks.{i}.attn.proj.weight": "transformer_blocks.{i}.attn1.to_out.0.weight",
-    "blocks.{i}.attn.proj.bias": "transformer_blocks.{i}.attn1.to_out.0.bias",
-    "blocks.{i}.mlp.fc1.weight": "transformer_blocks.{i}.ff.net.0.proj.weight",
-    "blocks.{i}.mlp.fc1.bias": "transformer_blocks.{i}.ff.net.0.proj.bias",
-    "blocks.{i}.mlp.fc2.weight": "transformer_blocks.{i}.ff.net.2.weight",
-    "blocks.{i}.mlp.fc2.bias": "transformer_blocks.{i}.ff.net.2.bias",
-    "final_layer.adaLN_modulation.1.weight": "proj_out_1.weight",
-    "final_layer.adaLN_modulation.1.bias": "proj_out_1.bias",
-    "final_layer.linear.weight": "proj_out_2.weight",
-    "final_layer.linear.bias": "proj_out_2.bias",
+    **weight_and_bias({
+        "x_embedder.proj": "pos_embed.proj",
+        "t_embedder.mlp.0": shared("transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_1"),
+        "t_embedder.mlp.2": shared("transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_2"),
+        "blocks.{i}.adaLN_modulation.1": "transformer_blocks.{i}.norm1.linear",
+        "blocks.{i}.attn.qkv": split("transformer_blocks.{i}.attn1.to_{}", "q", "k", "v"),
+        "blocks.{i}.attn.proj": "transformer_blocks.{i}.attn1.to_out.0",
+        "blocks.{i}.mlp.fc1": "transformer_blocks.{i}.ff.net.0.proj",
+        "blocks.{i}.mlp.fc2": "transformer_blocks.{i}.ff.net.2",
+        "final_layer.adaLN_modulation.1": "proj_out_1",
+        "final_layer.linear": "proj_out_2",
+    }),
+    "y_embedder.embedding_table.weight":
+        shared("transformer_blocks.{i}.norm1.emb.class_embedder.embedding_table.weight"),
+    "pos_embed": DROP,  # the fixed sin-cos table, recomputed here (its length tells the preset)
 }
-ORIGINAL_IGNORED = ("pos_embed",)  # the fixed sin-cos table, recomputed here
+ORIGINAL_IGNORED = tuple(key for key, rule in ORIGINAL_TO_HUB.items() if rule is DROP)
 ORIGINAL_CONVENTION = {"norm_eps": 1e-6, "freq_shift": 0.0}  # the original code's numerics
 
 
 def original_to_hub(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Rename an original DiT state dict into the Hub layout: duplicate shared embedders, split qkv."""
-    out = {}
-    for src, dst in ORIGINAL_TO_HUB.items():
-        for i in range(num_layers) if "{i}" in src else [None]:
-            tensor = sd[src.format(i=i)]
-            if dst.startswith("SHARED "):
-                for j in range(num_layers):
-                    out[f"transformer_blocks.{j}.{dst.removeprefix('SHARED ')}"] = tensor
-            elif "{q,k,v}" in dst:
-                for name, part in zip("qkv", tensor.chunk(3, dim=0)):
-                    out[dst.replace("{q,k,v}", name).format(i=i)] = part
-            else:
-                out[dst.format(i=i)] = tensor
-    return out
+    """An original DiT state dict in the Hub layout (every key checked: none missing, none unknown)."""
+    return weights.rename(sd, ORIGINAL_TO_HUB, blocks={"i": range(num_layers)}, source="the original DiT state dict")
 
 
 def load_dit(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -243,8 +226,6 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
         if preset not in PRESETS:
             raise MiniditError(f"cannot tell which DiT {path} is; pass one of the presets {sorted(PRESETS)}")
         cfg = replace(PRESETS[preset], **ORIGINAL_CONVENTION)
-        sd = {k: v for k, v in sd.items() if k not in ORIGINAL_IGNORED}
-        weights.check_keys(sd, set(original_keys(cfg.num_layers)), source=str(path))
         sd = original_to_hub(sd, cfg.num_layers)
     else:
         cfg = DiTConfig.from_hub(weights.read_json(path / "config.json"))
@@ -260,7 +241,8 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
 
 def original_keys(num_layers: int) -> list[str]:
     """Every key an original DiT state dict must hold (after dropping the ignored ones)."""
-    return [k.format(i=i) for k in ORIGINAL_TO_HUB for i in (range(num_layers) if "{i}" in k else [0])]
+    rows = weights.source_keys(ORIGINAL_TO_HUB, {"i": range(num_layers)})
+    return [key for key, (rule, _) in rows.items() if rule is not DROP]
 
 
 def save_hub_config(cfg: DiTConfig, folder: Path) -> None:

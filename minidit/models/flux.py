@@ -32,6 +32,7 @@ from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, timestep_embedding
 from minidit.rope import apply_rope, rope_frequencies
+from minidit.weights import split, swap_halves, weight_and_bias
 
 FREQ_DIM = 256  # width of the timestep and guidance sinusoids
 NORM_EPS = 1e-6
@@ -270,91 +271,54 @@ class FluxTransformer(nn.Module):
 
 # ---- checkpoints -------------------------------------------------------------------------------------
 
-# The BFL single file -> the Hub (diffusers) layout, by module. "{i}" is a block index; "{q,k,v}" targets split
-# a fused tensor in three equal parts; "{q,k,v,mlp}" splits linear1 as [D, D, D, 4D]; "SWAP" marks (shift,
-# scale) stored where diffusers keeps (scale, shift). RMSNorm scales are `.scale` there, `.weight` here.
+# The BFL single file -> the Hub (diffusers) layout (a table for `weights.rename`). "{i}" is a double-stream block,
+# "{j}" a single-stream one. RMSNorm scales are `.scale` there, `.weight` here.
 ORIGINAL_TO_HUB = {
-    "img_in": "x_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",  # dev only
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "txt_in": "context_embedder",
-    "double_blocks.{i}.img_mod.lin": "transformer_blocks.{i}.norm1.linear",
-    "double_blocks.{i}.txt_mod.lin": "transformer_blocks.{i}.norm1_context.linear",
-    "double_blocks.{i}.img_attn.qkv": "transformer_blocks.{i}.attn.to_{q,k,v}",
-    "double_blocks.{i}.txt_attn.qkv": "transformer_blocks.{i}.attn.add_{q,k,v}_proj",
-    "double_blocks.{i}.img_attn.proj": "transformer_blocks.{i}.attn.to_out.0",
-    "double_blocks.{i}.txt_attn.proj": "transformer_blocks.{i}.attn.to_add_out",
-    "double_blocks.{i}.img_mlp.0": "transformer_blocks.{i}.ff.net.0.proj",
-    "double_blocks.{i}.img_mlp.2": "transformer_blocks.{i}.ff.net.2",
-    "double_blocks.{i}.txt_mlp.0": "transformer_blocks.{i}.ff_context.net.0.proj",
-    "double_blocks.{i}.txt_mlp.2": "transformer_blocks.{i}.ff_context.net.2",
-    "single_blocks.{i}.modulation.lin": "single_transformer_blocks.{i}.norm.linear",
-    "single_blocks.{i}.linear1": "single_transformer_blocks.{i}.{attn.to_q,attn.to_k,attn.to_v,proj_mlp}",
-    "single_blocks.{i}.linear2": "single_transformer_blocks.{i}.proj_out",
-    "final_layer.adaLN_modulation.1": "SWAP norm_out.linear",
-    "final_layer.linear": "proj_out",
-}
-ORIGINAL_NORMS = {  # RMSNorm scales (no bias)
+    **weight_and_bias({
+        "img_in": "x_embedder",
+        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "txt_in": "context_embedder",
+        "double_blocks.{i}.img_mod.lin": "transformer_blocks.{i}.norm1.linear",
+        "double_blocks.{i}.txt_mod.lin": "transformer_blocks.{i}.norm1_context.linear",
+        "double_blocks.{i}.img_attn.qkv": split("transformer_blocks.{i}.attn.to_{}", "q", "k", "v"),
+        "double_blocks.{i}.txt_attn.qkv": split("transformer_blocks.{i}.attn.add_{}_proj", "q", "k", "v"),
+        "double_blocks.{i}.img_attn.proj": "transformer_blocks.{i}.attn.to_out.0",
+        "double_blocks.{i}.txt_attn.proj": "transformer_blocks.{i}.attn.to_add_out",
+        "double_blocks.{i}.img_mlp.0": "transformer_blocks.{i}.ff.net.0.proj",
+        "double_blocks.{i}.img_mlp.2": "transformer_blocks.{i}.ff.net.2",
+        "double_blocks.{i}.txt_mlp.0": "transformer_blocks.{i}.ff_context.net.0.proj",
+        "double_blocks.{i}.txt_mlp.2": "transformer_blocks.{i}.ff_context.net.2",
+        "single_blocks.{j}.modulation.lin": "single_transformer_blocks.{j}.norm.linear",
+        "single_blocks.{j}.linear1":  # [q, k, v, MLP input] = [D, D, D, 4D]
+            split("single_transformer_blocks.{j}.{}", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp",
+                  sizes=(1, 1, 1, 4)),
+        "single_blocks.{j}.linear2": "single_transformer_blocks.{j}.proj_out",
+        "final_layer.adaLN_modulation.1": swap_halves("norm_out.linear"),  # (shift, scale) -> (scale, shift)
+        "final_layer.linear": "proj_out",
+    }),
     "double_blocks.{i}.img_attn.norm.query_norm.scale": "transformer_blocks.{i}.attn.norm_q.weight",
     "double_blocks.{i}.img_attn.norm.key_norm.scale": "transformer_blocks.{i}.attn.norm_k.weight",
     "double_blocks.{i}.txt_attn.norm.query_norm.scale": "transformer_blocks.{i}.attn.norm_added_q.weight",
     "double_blocks.{i}.txt_attn.norm.key_norm.scale": "transformer_blocks.{i}.attn.norm_added_k.weight",
-    "single_blocks.{i}.norm.query_norm.scale": "single_transformer_blocks.{i}.attn.norm_q.weight",
-    "single_blocks.{i}.norm.key_norm.scale": "single_transformer_blocks.{i}.attn.norm_k.weight",
+    "single_blocks.{j}.norm.query_norm.scale": "single_transformer_blocks.{j}.attn.norm_q.weight",
+    "single_blocks.{j}.norm.key_norm.scale": "single_transformer_blocks.{j}.attn.norm_k.weight",
 }
+ORIGINAL_GUIDANCE = weight_and_bias({  # FLUX.1-dev's (guidance_embeds)
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+})
 COMFY_PREFIX = "model.diffusion_model."  # ComfyUI-style repacks of the BFL file
 
 
 def original_to_hub(sd: dict[str, torch.Tensor], cfg: FluxConfig) -> dict[str, torch.Tensor]:
-    """Rename a BFL state dict into the Hub layout: split qkv and linear1, swap the final (shift, scale)."""
+    """A BFL state dict in the Hub layout (every key checked: none missing, none unknown)."""
     sd = {k.removeprefix(COMFY_PREFIX): v for k, v in sd.items()}
-    dim = cfg.hidden_size
-    out = {}
-
-    def blocks(template: str):
-        if template.startswith("double_blocks"):
-            return range(cfg.num_layers)
-        return range(cfg.num_single_layers) if template.startswith("single_blocks") else [None]
-
-    for src, dst in ORIGINAL_TO_HUB.items():
-        if src.startswith("guidance_in") and not cfg.guidance_embeds:
-            continue
-        for i in blocks(src):
-            for param in ("weight", "bias"):
-                key = f"{src}.{param}".replace("{i}", str(i))
-                if key not in sd:
-                    raise MiniditError(f"the FLUX single file lacks {key}: is it a FLUX.1 checkpoint?")
-                tensor, target = sd[key], dst.removeprefix("SWAP ").replace("{i}", str(i))
-                if "{q,k,v}" in target:
-                    for name, part in zip("qkv", tensor.chunk(3, dim=0)):
-                        out[f"{target.replace('{q,k,v}', name)}.{param}"] = part
-                elif "{attn.to_q" in target:
-                    prefix = target.split("{")[0]
-                    names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-                    for name, part in zip(names, tensor.split([dim, dim, dim, 4 * dim], dim=0)):
-                        out[f"{prefix}{name}.{param}"] = part
-                elif dst.startswith("SWAP "):
-                    shift, scale = tensor.chunk(2, dim=0)
-                    out[f"{target}.{param}"] = torch.cat([scale, shift], dim=0)
-                else:
-                    out[f"{target}.{param}"] = tensor
-    for src, dst in ORIGINAL_NORMS.items():
-        for i in blocks(src):
-            key = src.replace("{i}", str(i))
-            if key not in sd:
-                raise MiniditError(f"the FLUX single file lacks {key}: is it a FLUX.1 checkpoint?")
-            out[dst.replace("{i}", str(i))] = sd[key]
-    used = sum(1 for key in sd if not key.startswith("guidance_in.") or cfg.guidance_embeds)
-    expected = 2 * sum(len(blocks(s)) for s in ORIGINAL_TO_HUB if cfg.guidance_embeds or "guidance" not in s)
-    expected += sum(len(blocks(s)) for s in ORIGINAL_NORMS)
-    if used != expected or len(sd) != used:
-        raise MiniditError(f"the FLUX single file holds {len(sd)} tensors where a FLUX.1 "
-                           f"{'dev' if cfg.guidance_embeds else 'schnell'} file has {expected}: check the file")
-    return out
+    table = ORIGINAL_TO_HUB | (ORIGINAL_GUIDANCE if cfg.guidance_embeds else {})
+    blocks = {"i": range(cfg.num_layers), "j": range(cfg.num_single_layers)}
+    return weights.rename(sd, table, blocks=blocks, source="the FLUX single file")
 
 
 def load_flux(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",

@@ -19,7 +19,6 @@ Quirks of the diffusers layout and pipeline, kept:
 Shapes: x (B, C, H*p, W*p) latents -> L = H*W image tokens of width D = Nh*Dh; text (B, Lt, 4096) -> (B, Lt, D).
 """
 
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, timestep_embedding, unpatchify
+from minidit.weights import DROP, split, weight_and_bias
 
 FREQ_DIM = 256  # width of the sinusoids of the timestep and of each micro-condition
 MASK_BIAS = -10000.0  # NOTE(official): diffusers' additive bias for padded text tokens
@@ -228,58 +228,43 @@ class PixArt(nn.Module):
 
 # ---- checkpoints -------------------------------------------------------------------------------------
 
-# The original PixArt state dict -> the Hub (diffusers) layout, by module. "{i}" is a block index; a
-# "{q,k,v}" or "{k,v}" target means the original fused tensor is split along its output dim in that order.
+# The original PixArt state dict -> the Hub (diffusers) layout (a table for `weights.rename`). "{i}" is a block index.
 ORIGINAL_TO_HUB = {
-    "x_embedder.proj": "pos_embed.proj",
-    "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
-    "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",  # 1024 model only
+    **weight_and_bias({
+        "x_embedder.proj": "pos_embed.proj",
+        "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
+        "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
+        "t_block.1": "adaln_single.linear",
+        "y_embedder.y_proj.fc1": "caption_projection.linear_1",
+        "y_embedder.y_proj.fc2": "caption_projection.linear_2",
+        "blocks.{i}.attn.qkv": split("transformer_blocks.{i}.attn1.to_{}", "q", "k", "v"),
+        "blocks.{i}.attn.proj": "transformer_blocks.{i}.attn1.to_out.0",
+        "blocks.{i}.cross_attn.q_linear": "transformer_blocks.{i}.attn2.to_q",
+        "blocks.{i}.cross_attn.kv_linear": split("transformer_blocks.{i}.attn2.to_{}", "k", "v"),
+        "blocks.{i}.cross_attn.proj": "transformer_blocks.{i}.attn2.to_out.0",
+        "blocks.{i}.mlp.fc1": "transformer_blocks.{i}.ff.net.0.proj",
+        "blocks.{i}.mlp.fc2": "transformer_blocks.{i}.ff.net.2",
+        "final_layer.linear": "proj_out",
+    }),
+    "blocks.{i}.scale_shift_table": "transformer_blocks.{i}.scale_shift_table",
+    "final_layer.scale_shift_table": "scale_shift_table",
+    # NOTE(official): the learned null caption is dropped; the diffusers pipeline encodes "" with T5 for the
+    # unconditional branch instead. pos_embed is the fixed sin-cos table, recomputed here.
+    "y_embedder.y_embedding": DROP,
+    "pos_embed": DROP,
+}
+ORIGINAL_MICRO_CONDITIONS = weight_and_bias({  # the 1024 model's (use_additional_conditions)
+    "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",
     "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
     "ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1",
     "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2",
-    "t_block.1": "adaln_single.linear",
-    "y_embedder.y_proj.fc1": "caption_projection.linear_1",
-    "y_embedder.y_proj.fc2": "caption_projection.linear_2",
-    "blocks.{i}.attn.qkv": "transformer_blocks.{i}.attn1.to_{q,k,v}",
-    "blocks.{i}.attn.proj": "transformer_blocks.{i}.attn1.to_out.0",
-    "blocks.{i}.cross_attn.q_linear": "transformer_blocks.{i}.attn2.to_q",
-    "blocks.{i}.cross_attn.kv_linear": "transformer_blocks.{i}.attn2.to_{k,v}",
-    "blocks.{i}.cross_attn.proj": "transformer_blocks.{i}.attn2.to_out.0",
-    "blocks.{i}.mlp.fc1": "transformer_blocks.{i}.ff.net.0.proj",
-    "blocks.{i}.mlp.fc2": "transformer_blocks.{i}.ff.net.2",
-    "final_layer.linear": "proj_out",
-}
-ORIGINAL_PARAMETERS = {  # plain tensors, not modules
-    "blocks.{i}.scale_shift_table": "transformer_blocks.{i}.scale_shift_table",
-    "final_layer.scale_shift_table": "scale_shift_table",
-}
-# NOTE(official): the learned null caption (y_embedding) is dropped; the diffusers pipeline encodes "" with T5
-# for the unconditional branch instead. pos_embed is the fixed sin-cos table, recomputed here.
-ORIGINAL_IGNORED = ("y_embedder.y_embedding", "pos_embed")
+})
 
 
-def original_to_hub(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an original PixArt state dict into the Hub layout, splitting the fused qkv and kv tensors."""
-    table = {**{f"{s}.{p}": f"{d}.{p}" for s, d in ORIGINAL_TO_HUB.items() for p in ("weight", "bias")},
-             **ORIGINAL_PARAMETERS}
-    out = {}
-    for key, tensor in sd.items():
-        if key in ORIGINAL_IGNORED:
-            continue
-        index = re.match(r"blocks\.(\d+)\.", key)
-        template = re.sub(r"^blocks\.\d+\.", "blocks.{i}.", key)
-        if template not in table:
-            raise MiniditError(f"unexpected key {key!r} in an original PixArt checkpoint")
-        target = table[template].replace("{i}", index.group(1) if index else "{i}")
-        split = re.search(r"\{([a-z,]+)\}", target)
-        if split is None:
-            out[target] = tensor
-            continue
-        names = split.group(1).split(",")
-        for name, part in zip(names, tensor.chunk(len(names), dim=0)):
-            out[target.replace(split.group(0), name)] = part
-    return out
+def original_to_hub(sd: dict[str, torch.Tensor], cfg: PixArtConfig) -> dict[str, torch.Tensor]:
+    """An original PixArt state dict in the Hub layout (every key checked: none missing, none unknown)."""
+    table = ORIGINAL_TO_HUB | (ORIGINAL_MICRO_CONDITIONS if cfg.use_additional_conditions else {})
+    return weights.rename(sd, table, blocks={"i": range(cfg.num_layers)}, source="the original PixArt state dict")
 
 
 def load_pixart(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -296,7 +281,7 @@ def load_pixart(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
         if config is None and preset not in PRESETS:
             raise MiniditError(f"unknown PixArt preset {preset!r}; choose one of {sorted(PRESETS)}")
         cfg = config or PRESETS[preset]
-        sd = original_to_hub(sd)
+        sd = original_to_hub(sd, cfg)
     else:
         cfg = PixArtConfig.from_hub(weights.read_json(path / "config.json"))
         sd = weights.load_folder(path, dtype)

@@ -31,6 +31,7 @@ from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, timestep_embedding, unpatchify
+from minidit.weights import split, swap_halves, weight_and_bias
 
 FREQ_DIM = 256  # width of the timestep sinusoid
 NORM_EPS = 1e-6
@@ -218,56 +219,40 @@ class SD3Transformer(nn.Module):
 # ---- checkpoints -------------------------------------------------------------------------------------
 
 SINGLE_FILE_PREFIX = "model.diffusion_model."
-# The single file's MMDiT (after the prefix) -> the Hub (diffusers) layout, by module. "{i}" is a block index;
-# "{q,k,v}" targets split the fused qkv in that order; "SWAP" marks (shift, scale) stored where diffusers
-# keeps (scale, shift): the halves are swapped.
+# The single file's MMDiT (after the prefix) -> the Hub (diffusers) layout (a table for `weights.rename`). "{i}" is
+# any block, "{j}" any but the last: the last block has no text output projection or text FFN, and its text
+# modulation is stored (shift, scale) where diffusers keeps (scale, shift), as is the final layer's.
 ORIGINAL_TO_HUB = {
-    "x_embedder.proj": "pos_embed.proj",
-    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
-    "context_embedder": "context_embedder",
-    "joint_blocks.{i}.x_block.adaLN_modulation.1": "transformer_blocks.{i}.norm1.linear",
-    "joint_blocks.{i}.context_block.adaLN_modulation.1": "transformer_blocks.{i}.norm1_context.linear",
-    "joint_blocks.{i}.x_block.attn.qkv": "transformer_blocks.{i}.attn.to_{q,k,v}",
-    "joint_blocks.{i}.context_block.attn.qkv": "transformer_blocks.{i}.attn.add_{q,k,v}_proj",
-    "joint_blocks.{i}.x_block.attn.proj": "transformer_blocks.{i}.attn.to_out.0",
-    "joint_blocks.{i}.context_block.attn.proj": "transformer_blocks.{i}.attn.to_add_out",
-    "joint_blocks.{i}.x_block.mlp.fc1": "transformer_blocks.{i}.ff.net.0.proj",
-    "joint_blocks.{i}.x_block.mlp.fc2": "transformer_blocks.{i}.ff.net.2",
-    "joint_blocks.{i}.context_block.mlp.fc1": "transformer_blocks.{i}.ff_context.net.0.proj",
-    "joint_blocks.{i}.context_block.mlp.fc2": "transformer_blocks.{i}.ff_context.net.2",
-    "final_layer.adaLN_modulation.1": "SWAP norm_out.linear",
-    "final_layer.linear": "proj_out",
+    **weight_and_bias({
+        "x_embedder.proj": "pos_embed.proj",
+        "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+        "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+        "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+        "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+        "context_embedder": "context_embedder",
+        "joint_blocks.{i}.x_block.adaLN_modulation.1": "transformer_blocks.{i}.norm1.linear",
+        "joint_blocks.{j}.context_block.adaLN_modulation.1": "transformer_blocks.{j}.norm1_context.linear",
+        "joint_blocks.{last}.context_block.adaLN_modulation.1":
+            swap_halves("transformer_blocks.{last}.norm1_context.linear"),
+        "joint_blocks.{i}.x_block.attn.qkv": split("transformer_blocks.{i}.attn.to_{}", "q", "k", "v"),
+        "joint_blocks.{i}.context_block.attn.qkv": split("transformer_blocks.{i}.attn.add_{}_proj", "q", "k", "v"),
+        "joint_blocks.{i}.x_block.attn.proj": "transformer_blocks.{i}.attn.to_out.0",
+        "joint_blocks.{j}.context_block.attn.proj": "transformer_blocks.{j}.attn.to_add_out",
+        "joint_blocks.{i}.x_block.mlp.fc1": "transformer_blocks.{i}.ff.net.0.proj",
+        "joint_blocks.{i}.x_block.mlp.fc2": "transformer_blocks.{i}.ff.net.2",
+        "joint_blocks.{j}.context_block.mlp.fc1": "transformer_blocks.{j}.ff_context.net.0.proj",
+        "joint_blocks.{j}.context_block.mlp.fc2": "transformer_blocks.{j}.ff_context.net.2",
+        "final_layer.adaLN_modulation.1": swap_halves("norm_out.linear"),
+        "final_layer.linear": "proj_out",
+    }),
+    "pos_embed": "pos_embed.pos_embed",
 }
 
 
 def original_to_hub(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """The single file's MMDiT tensors (prefix stripped) -> the Hub layout: split qkv, swap (shift, scale)."""
-    out = {"pos_embed.pos_embed": sd["pos_embed"]}
-    last = num_layers - 1
-    for src, dst in ORIGINAL_TO_HUB.items():
-        for i in range(num_layers) if "{i}" in src else [None]:
-            swap = dst.startswith("SWAP ") or (i == last and "context_block.adaLN" in src)
-            target = dst.removeprefix("SWAP ")
-            for param in ("weight", "bias"):
-                key = f"{src}.{param}".replace("{i}", str(i))
-                if key not in sd:
-                    if i == last and "context_block" in src and "adaLN" not in src:
-                        continue  # the last block has no text output projection or text FFN
-                    raise MiniditError(f"the SD3 single file lacks {SINGLE_FILE_PREFIX}{key}")
-                tensor = sd[key]
-                name = f"{target}.{param}".replace("{i}", str(i))
-                if "{q,k,v}" in name:
-                    for part_name, part in zip("qkv", tensor.chunk(3, dim=0)):
-                        out[name.replace("{q,k,v}", part_name)] = part
-                elif swap:
-                    shift, scale = tensor.chunk(2, dim=0)
-                    out[name] = torch.cat([scale, shift], dim=0)
-                else:
-                    out[name] = tensor
-    return out
+    """The single file's MMDiT tensors (prefix stripped) in the Hub layout (every key checked)."""
+    blocks = {"i": range(num_layers), "j": range(num_layers - 1), "last": [num_layers - 1]}
+    return weights.rename(sd, ORIGINAL_TO_HUB, blocks=blocks, source="the SD3 single file")
 
 
 def load_sd3(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
