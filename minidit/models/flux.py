@@ -80,6 +80,7 @@ PRESETS = {"FLUX.1-dev": FluxConfig(), "FLUX.1-schnell": FluxConfig(guidance_emb
 class TimeTextEmbedding(nn.Module):
     def __init__(self, cfg: FluxConfig):
         super().__init__()
+        self.guidance_embeds = cfg.guidance_embeds
         self.timestep_embedder = MLPEmbedding(FREQ_DIM, cfg.hidden_size)
         if cfg.guidance_embeds:
             self.guidance_embedder = MLPEmbedding(FREQ_DIM, cfg.hidden_size)
@@ -88,7 +89,7 @@ class TimeTextEmbedding(nn.Module):
     def forward(self, t: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
         sinusoid = lambda v: timestep_embedding(v, FREQ_DIM).to(pooled.dtype)  # [cos | sin], shift 0
         emb = self.timestep_embedder(sinusoid(t))
-        if hasattr(self, "guidance_embedder"):
+        if self.guidance_embeds:
             if guidance is None:
                 raise MiniditError("FLUX.1-dev takes a guidance value (the distilled guidance scale)")
             emb = emb + self.guidance_embedder(sinusoid(guidance))

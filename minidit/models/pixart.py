@@ -87,6 +87,7 @@ class Conditioning(nn.Module):
 
     def __init__(self, cfg: PixArtConfig):
         super().__init__()
+        self.use_additional_conditions = cfg.use_additional_conditions
         self.timestep_embedder = MLPEmbedding(FREQ_DIM, cfg.hidden_size)
         if cfg.use_additional_conditions:
             micro = cfg.hidden_size // 3  # height, width and ratio embeddings, concatenated, make D
@@ -97,7 +98,7 @@ class Conditioning(nn.Module):
                 dtype: torch.dtype) -> torch.Tensor:
         sinusoid = lambda v: timestep_embedding(v.flatten(), FREQ_DIM).to(dtype)  # noqa: E731  [cos | sin], shift 0
         emb = self.timestep_embedder(sinusoid(t))
-        if not hasattr(self, "resolution_embedder"):
+        if not self.use_additional_conditions:
             return emb
         if resolution is None or aspect_ratio is None:
             raise MiniditError("this PixArt model (the 1024 one) needs the resolution and aspect_ratio "
