@@ -1,5 +1,5 @@
-"""Small shared pieces: timestep sinusoids, adaLN modulation, 2D sin-cos position tables, patchify, and the
-transformer FFN that DiT, PixArt, SD3 and FLUX all use with the same checkpoint keys."""
+"""Small shared pieces: timestep sinusoids, adaLN modulation, 2D sin-cos position tables, the head split, patchify,
+and the transformer FFN that DiT, PixArt, SD3 and FLUX all use with the same checkpoint keys."""
 
 import functools
 import math
@@ -48,6 +48,11 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     angles = torch.outer(pos.double(), omega)  # (L, dim/2)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, L, Nh*Dh) projections -> (B, Nh, L, Dh) heads, as attention() takes q, k and v."""
+    return rearrange(x, "B L (Nh Dh) -> B Nh L Dh", Nh=num_heads)
 
 
 def unpatchify(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, timestep_embedding, unpatchify
+from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, split_heads, timestep_embedding, unpatchify
 from minidit.weights import DROP, shared, split, weight_and_bias
 
 FREQ_DIM = 256  # width of the timestep sinusoid fed to the timestep MLP
@@ -116,7 +116,7 @@ class SelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # checkpoint key: to_out.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = lambda t: rearrange(t, "B L (Nh Dh) -> B Nh L Dh", Nh=self.num_heads)  # noqa: E731
+        heads = lambda t: split_heads(t, self.num_heads)  # noqa: E731
         q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))  # (B, Nh, L, Dh)
         out = attention(q, k, v, layer=self.layer)  # (B, L, D)
         return attention_output(self.to_out[0](out), layer=self.layer)

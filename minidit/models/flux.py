@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import FeedForward, MLPEmbedding, modulate, timestep_embedding
+from minidit.layers import FeedForward, MLPEmbedding, modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope, rope_frequencies
 from minidit.weights import split, swap_halves, weight_and_bias
 
@@ -135,10 +134,6 @@ class RMSNorm(nn.Module):
 
 
 # ---- blocks --------------------------------------------------------------------------------------------
-
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return rearrange(x, "B L (Nh Dh) -> B Nh L Dh", Nh=num_heads)
-
 
 class DoubleStreamAttention(nn.Module):
     def __init__(self, cfg: FluxConfig, layer: str):

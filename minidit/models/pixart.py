@@ -30,7 +30,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, timestep_embedding, unpatchify
+from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, split_heads, timestep_embedding, unpatchify
 from minidit.weights import DROP, split, weight_and_bias
 
 FREQ_DIM = 256  # width of the sinusoids of the timestep and of each micro-condition
@@ -146,7 +146,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # checkpoint key: to_out.0
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        heads = lambda t: rearrange(t, "B L (Nh Dh) -> B Nh L Dh", Nh=self.num_heads)  # noqa: E731
+        heads = lambda t: split_heads(t, self.num_heads)  # noqa: E731
         q, k, v = heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context))
         out = attention(q, k, v, mask=bias, layer=self.layer, streams=self.kv_stream)  # (B, L, D)
         return attention_output(self.to_out[0](out), layer=self.layer)

@@ -30,7 +30,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
-from minidit.layers import FeedForward, MLPEmbedding, modulate, timestep_embedding, unpatchify
+from minidit.layers import FeedForward, MLPEmbedding, modulate, split_heads, timestep_embedding, unpatchify
 from minidit.weights import split, swap_halves, weight_and_bias
 
 FREQ_DIM = 256  # width of the timestep sinusoid
@@ -121,7 +121,7 @@ class JointAttention(nn.Module):
         self.to_add_out = None if context_pre_only else nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        heads = lambda t: rearrange(t, "B L (Nh Dh) -> B Nh L Dh", Nh=self.num_heads)
+        heads = lambda t: split_heads(t, self.num_heads)
         q = torch.cat([heads(self.to_q(x)), heads(self.add_q_proj(c))], dim=2)  # (B, Nh, L + Lt, Dh)
         k = torch.cat([heads(self.to_k(x)), heads(self.add_k_proj(c))], dim=2)
         v = torch.cat([heads(self.to_v(x)), heads(self.add_v_proj(c))], dim=2)

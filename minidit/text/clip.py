@@ -42,11 +42,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 from minidit import weights
 from minidit.attention import attention
 from minidit.errors import MiniditError
+from minidit.layers import split_heads
 
 PROJECTION_KEY = "text_projection.weight"
 # transformers 5's CLIPTextModel file -> the Hub layout, by top-level module: the `text_model.` prefix restored
@@ -147,7 +147,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
         """x (B, L, D); causal (L, L) boolean, True where a query may attend to a key."""
-        heads = lambda t: rearrange(t, "B L (Nh Dh) -> B Nh L Dh", Nh=self.num_heads)  # noqa: E731
+        heads = lambda t: split_heads(t, self.num_heads)  # noqa: E731
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))  # (B, Nh, L, Dh)
         return self.out_proj(attention(q, k, v, mask=causal))  # scale 1/sqrt(Dh); (B, L, D)
 

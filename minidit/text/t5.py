@@ -39,6 +39,7 @@ from einops import rearrange
 from minidit import weights
 from minidit.attention import attention
 from minidit.errors import MiniditError
+from minidit.layers import split_heads
 
 TIED_KEY = "encoder.embed_tokens.weight"  # an optional copy of shared.weight in some files
 
@@ -131,7 +132,7 @@ class T5Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (B, L, D); bias (B or 1, Nh, L, L), added to the scores: position bias plus padding mask."""
-        heads = lambda t: rearrange(t, "B L (Nh Dh) -> B Nh L Dh", Nh=self.num_heads)  # noqa: E731
+        heads = lambda t: split_heads(t, self.num_heads)  # noqa: E731
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))  # (B, Nh, L, Dh)
         # NOTE(official): T5 does not scale the scores by 1/sqrt(Dh).
         return self.o(attention(q, k, v, mask=bias, scale=1.0))  # (B, L, D)
