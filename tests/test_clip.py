@@ -29,7 +29,7 @@ FOLDERS = {"sd3/text_encoder": torch.float16, "sd3/text_encoder_2": torch.float1
            "flux/text_encoder": torch.bfloat16}  # the Hub folder and its file's dtype
 TAG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # measured: bit-exact against transformers 5.23 (sdpa, CPU) in all three dtypes; the margins are for other kernels
-# Against the stored fixtures, worst error measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
+# Against the stored fixtures, worst error (tests/measure_tolerances.py, default/avx2/avx512):
 # fp32 3.4e-7 (x 4 -> 1.4e-6), fp16 1.4e-3 (x 3.6 -> 5e-3); bf16 0 at avx512 (torch 2.13 cannot run bf16 attention
 # under the emulated default/avx2 capabilities here): 3e-2 is about two bf16 ulps of the hidden states.
 TOL = {torch.float32: 1.4e-6, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -19,7 +19,7 @@ from minidit.errors import MiniditError
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 
 G = reference_generator()
-# Worst error against the fixtures measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
+# Worst error against the fixtures (tests/measure_tolerances.py, default/avx2/avx512):
 # 2.1e-7 (a step, default) x 4 -> 9e-7.
 FIXTURE_TOLERANCE = 9e-7
 

@@ -24,7 +24,7 @@ from minidit.pipelines.recipe import initial_noise
 from minidit.schedulers.ddim import DDIM, DDIMConfig
 
 ORIGINAL_PT = FIXTURES / "original" / "DiT-tiny-2-64x64.pt"
-# Worst fp32 error against the stored fixtures, measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
+# Worst fp32 error against the stored fixtures, (tests/measure_tolerances.py, default/avx2/avx512):
 # forwards and final latents 4.2e-7 (original convention, avx2) x 4 -> 1.7e-6; the small-variance case 2.5e-7
 # (default) x 4 -> 1e-6, where a LayerNorm eps off by 10x moves the output by 3e-2 or more; the initial noise
 # 2.8e-7 (default: torch.randn's own kernels) x 4 -> 1.1e-6.

@@ -24,8 +24,8 @@ from minidit.errors import MiniditError
 from minidit.schedulers.dpm_solver import DPMSolver, DPMSolverConfig
 
 G = reference_generator("generate_dpm_solver")
-# max |error| / max(1, max |expected|) against the stored fixtures; worst measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
-# 2.0e-6 (step 44 of a 50-step loop, default; 1.1e-6 at avx2/avx512) x 4 -> 8e-6.
+# max |error| / max(1, max |expected|) against the stored fixtures; worst (tests/measure_tolerances.py,
+# default/avx2/avx512): 2.0e-6 (step 44 of a 50-step loop, default; 1.1e-6 at avx2/avx512) x 4 -> 8e-6.
 FIXTURE_TOLERANCE = 8e-6
 
 

@@ -26,8 +26,9 @@ from minidit.errors import MiniditError
 from minidit.schedulers.flow import PRESETS, FlowMatchConfig, FlowMatchEuler, image_seq_len, training_sigma_range
 
 G = reference_generator("generate_flow")
-# max |error| / max(1, max |expected|) against the stored fixtures: the worst measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512 is 0
-# in both dtypes (elementwise float ops only), so the tolerance is two float32 ulps and one bfloat16 ulp at |x| = 1.
+# max |error| / max(1, max |expected|) against the stored fixtures: the worst (tests/measure_tolerances.py,
+# default/avx2/avx512) is 0 in both dtypes (elementwise float ops only), so the tolerance is two float32 ulps
+# and one bfloat16 ulp at |x| = 1.
 FIXTURE_TOLERANCE = {"float32": 2 * 2**-23, "bfloat16": 2**-7}
 DYNAMIC_CASES = [case for case in G.CASES if G.dynamic(case)]
 LOOPS = [(case, res) for case in G.CASES for res in G.loop_resolutions(case)]

@@ -24,7 +24,7 @@ from minidit.pipelines.flux import FluxRecipe, image_ids, pack, unpack
 P = TinyPipeline("generate_flux_pipeline", FluxRecipe)
 G = P.G
 # fp32. Live: 0 with FluxPipeline's own schedule, 9.4e-7 with SD3's (the sigmas' float32 cast). Against the stored
-# fixtures, worst measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512: 2.45e-6 (avx2, default) x 4 -> 1e-5.
+# fixtures, worst (tests/measure_tolerances.py, default/avx2/avx512): 2.45e-6 (avx2, default) x 4 -> 1e-5.
 TOL = 1e-5
 
 

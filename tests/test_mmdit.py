@@ -26,7 +26,7 @@ from minidit.models.sd3 import PRESETS as SD3_PRESETS
 from minidit.models.sd3 import SD3Config, SD3Transformer, load_sd3
 
 G = reference_generator("generate_mmdit")
-# Worst error against the stored fixtures, measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
+# Worst error against the stored fixtures, (tests/measure_tolerances.py, default/avx2/avx512):
 # SD3 2.5e-7 (x 4 -> 1e-6), FLUX 2.3e-6 (x 4 -> 9.3e-6).
 SD3_TOL, FLUX_TOL = 1e-6, 9.3e-6
 

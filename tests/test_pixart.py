@@ -27,9 +27,9 @@ from minidit.models.pixart import PRESETS, PixArt, PixArtConfig, load_pixart, or
 from minidit.pipelines.pixart import PixArtRecipe, bucket, resize_and_crop
 
 G = reference_generator("generate_pixart")
-# fp32. Live (in-process): 0 for the transformer. Against the stored fixtures, worst measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
-# transformer 6.4e-6 (avx512) x 4 -> 2.6e-5; whole pipeline 1.54e-5 (the 700x1200 request, avx2) x 4 -> 6.2e-5;
-# resize-and-crop 3.2e-6 (default) x 4 -> 1.3e-5.
+# fp32. Live (in-process): 0 for the transformer. Against the stored fixtures, worst (tests/measure_tolerances.py,
+# default/avx2/avx512): transformer 6.4e-6 (avx512) x 4 -> 2.6e-5; whole pipeline 1.54e-5 (the 700x1200
+# request, avx2) x 4 -> 6.2e-5; resize-and-crop 3.2e-6 (default) x 4 -> 1.3e-5.
 TOL = 2.6e-5
 PIPELINE_TOL = 6.2e-5
 RESIZE_TOLERANCE = 1.3e-5

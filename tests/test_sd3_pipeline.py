@@ -21,7 +21,7 @@ from minidit.pipelines.sd3 import SD3Recipe
 
 P = TinyPipeline("generate_sd3_pipeline", SD3Recipe)
 G = P.G
-# fp32; worst error against the stored fixtures measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
+# fp32; worst error against the stored fixtures (tests/measure_tolerances.py, default/avx2/avx512):
 # 2.6e-6 (default) x 3.9 -> 1e-5.
 TOL = 1e-5
 

@@ -29,7 +29,7 @@ from minidit.text.t5_tokenizer import T5Tokenizer
 FIXTURES = ROOT / "tests" / "fixtures" / "t5"
 SHARDED, TIED = FIXTURES / "tiny" / "text_encoder", FIXTURES / "tied" / "text_encoder"
 TOKENIZER = FIXTURES / "tiny" / "tokenizer"
-# Worst error measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512: fp32 4.0e-7 against the
+# Worst error (tests/measure_tolerances.py, default/avx2/avx512): fp32 4.0e-7 against the
 # fixtures, 1.25e-6 explicit vs fused (x 1.6 -> 2e-6); bf16 4.2e-3 at avx512 (torch 2.13 cannot run bf16 attention
 # under the emulated default/avx2 capabilities here), x 4.7 -> 2e-2, one or two bf16 ulps at |x| ~ 4.
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2}

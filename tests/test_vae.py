@@ -37,7 +37,7 @@ from minidit.vae.autoencoder_kl import (
 )
 
 FIXTURES = ROOT / "tests" / "fixtures" / "vae"
-# Worst fp32 error against the fixtures measured by tests/measure_tolerances.py under ATEN_CPU_CAPABILITY default / avx2 / avx512:
+# Worst fp32 error against the fixtures (tests/measure_tolerances.py, default/avx2/avx512):
 # 1.9e-6 (decode parity, default) x 4 -> 8e-6.
 TOL = 8e-6
 VAES, CASES = ("sd", "sd3"), ("square", "wide")
