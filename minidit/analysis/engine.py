@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 import minidit
 from minidit.analysis.recorder import SUMS, TENSORS, Recorder, stream_axis
-from minidit.analysis.rundir import RunDir, write_atomic
+from minidit.analysis.rundir import RunDir, make_folder, write_atomic
 from minidit.pipelines import ModelSpec
 from minidit.pipelines.recipe import Recipe, Scheduler
 from minidit.schedulers.flow import FlowMatchEuler
@@ -100,7 +100,7 @@ def save_latents_file(path: Path, latents: torch.Tensor) -> None:
     """Final latents as safetensors (key "latents"): readable with safetensors.numpy or safetensors.torch."""
     from safetensors.torch import save
 
-    path.parent.mkdir(exist_ok=True)
+    make_folder(path.parent)
     write_atomic(path, save({"latents": latents.detach().float().cpu().contiguous()}))
 
 
@@ -109,7 +109,7 @@ def save_images_file(path: Path, images: np.ndarray) -> None:
 
     from PIL import Image
 
-    path.parent.mkdir(exist_ok=True)
+    make_folder(path.parent)
     buffer = io.BytesIO()
     Image.fromarray(np.concatenate(list(images), axis=1)).save(buffer, format="PNG")
     write_atomic(path, buffer.getvalue())
