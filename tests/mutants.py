@@ -39,6 +39,7 @@ def edit(file: str, old: str, new: str) -> tuple[str, str, str]:
 DIT, PIXART, SD3, FLUX = "minidit/models/dit.py", "minidit/models/pixart.py", "minidit/models/sd3.py", \
     "minidit/models/flux.py"
 CAPTURES = "tests/test_capture_points.py"
+FLUX_PIPELINE = "minidit/pipelines/flux.py"
 
 MUTANTS = [
     # ---- capture points: the K, V, A the recorder receives
@@ -138,6 +139,15 @@ MUTANTS = [
         edit("minidit/text/clip_tokenizer.py", 'return "".join(ch.lower() for ch in',
              'return "".join(ch for ch in'),),
         ("tests/test_clip_tokenizer.py",)),
+    Mutant("flux-true-cfg-reversed", "FLUX true CFG batch built [cond; uncond] (FluxPipeline's call order) but "
+           "combined as [uncond; cond]: cond + s (uncond - cond)", (
+        edit(FLUX_PIPELINE, "text, pooled = recipe.text_batch(self.encode, prompt, cfg_scale)",
+             "text, pooled = (x.flip(0) for x in recipe.text_batch(self.encode, prompt, cfg_scale))"),),
+        ("tests/test_flux_pipeline.py",)),
+    Mutant("flux-true-cfg-negative-pooled", "FLUX true CFG: the negative branch given the prompt's pooled vector", (
+        edit(FLUX_PIPELINE, "text, pooled = recipe.text_batch(self.encode, prompt, cfg_scale)",
+             "text, pooled = recipe.text_batch(self.encode, prompt, cfg_scale)[0], self.encode(prompt)[1]"),),
+        ("tests/test_flux_pipeline.py",)),
     Mutant("sd3-pooled-order", "SD3 pooled vector as [bigG; CLIP-L]", (
         edit("minidit/pipelines/sd3.py", "pooled = torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1)",
              "pooled = torch.cat([clip_g.text_embeds, clip_l.text_embeds], dim=-1)"),),

@@ -16,8 +16,12 @@ It writes, under tests/fixtures/flux_pipeline/ (the run is deterministic):
                            index), transformer/ (19 double + 38 single blocks at width 16, bf16, three shards plus
                            the index, the Hub's config form), vae/ (a tiny 4-block 16-channel AutoencoderKL with
                            FLUX's scaling and shift factors)
+    FLUX.1-undistilled/    the same layout and files, except a transformer with guidance_embeds false (no guidance
+                           embedder, its own seed): an undistilled FLUX such as flux-tiny, sampled with true CFG;
+                           the dev scheduler config is kept (dynamic shift), so it is not schnell
     reference.safetensors  FluxPipeline's final latents (unpacked with the pipeline's own _unpack_latents) for each
-                           case, and the sigmas of SD3's scheduler for the "sd3" schedule
+                           case (FLUX.1-dev's PIPELINE_CASES, then FLUX.1-undistilled's TRUE_CFG_CASES), and the
+                           sigmas of SD3's scheduler for the "sd3" schedule
     VERSIONS.json          the library versions that produced the expected outputs
 
 The tiny CLIP vocabulary (1000 ids) is the real one cut down: the 512 byte symbols (ids 0..511, as in the real
@@ -40,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1] / "fixtures"
 FIXTURES = ROOT / "flux_pipeline"
 REFERENCE = FIXTURES / "reference.safetensors"
 FOLDER = FIXTURES / "FLUX.1-dev"
+UNDISTILLED = FIXTURES / "FLUX.1-undistilled"
 CLIP_TEXT_ENCODER = ROOT / "clip" / "flux" / "text_encoder"
 CLIP_TOKENIZER = ROOT / "clip_tokenizer" / "tokenizer"
 T5_TINY = ROOT / "t5" / "tiny"
@@ -84,6 +89,11 @@ PIPELINE_STEPS = 4
 PIPELINE_GUIDANCE = 3.5
 PIPELINE_SEED = 0
 SD3_STEPS = (4, 28)
+# FLUX.1-undistilled's cases, as PIPELINE_CASES: FluxPipeline(true_cfg_scale=4.0, negative_prompt=""), 4 steps, seed 0,
+# T5 length 256 (minidit's default without a guidance embedder; FluxPipeline's own is 512, so it is passed)
+TRUE_CFG_CASES = {"true-cfg": (256, 384, "flux")}
+TRUE_CFG_SCALE = 4.0
+TRUE_CFG_T5_LENGTH = 256
 
 
 def write_clip_tokenizer(folder: Path) -> None:
@@ -128,11 +138,12 @@ def write_text_encoder_2(folder: Path) -> None:
     assert shards == [f"model-0000{i}-of-0000{TEXT_SHARDS}.safetensors" for i in range(1, TEXT_SHARDS + 1)], shards
 
 
-def write_transformer(folder: Path) -> None:
-    """diffusers' FluxTransformer2DModel with seeded weights, in bf16 (as the Hub's), three shards plus the index."""
+def write_transformer(folder: Path, guidance_embeds: bool = True) -> None:
+    """diffusers' FluxTransformer2DModel with seeded weights, in bf16 (as the Hub's), three shards plus the index;
+    without the guidance embedder (guidance_embeds false), seeded differently."""
     diffusers = tools.quiet_diffusers()
-    config = {**HUB_TRANSFORMER, **TINY}
-    torch.manual_seed(SEED)
+    config = {**HUB_TRANSFORMER, **TINY, "guidance_embeds": guidance_embeds}
+    torch.manual_seed(SEED if guidance_embeds else SEED + 2)  # SEED + 1 is the VAE's
     model = diffusers.FluxTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -162,7 +173,7 @@ def write_vae(folder: Path) -> None:
               metadata={"format": "pt"})
 
 
-def write_pipeline_folder(folder: Path) -> None:
+def write_pipeline_folder(folder: Path, guidance_embeds: bool = True) -> None:
     tools.write_sorted_json(folder / "model_index.json", MODEL_INDEX)
     assert (folder / "model_index.json").stat().st_size == MODEL_INDEX_SIZE
     (folder / "scheduler").mkdir()
@@ -171,7 +182,7 @@ def write_pipeline_folder(folder: Path) -> None:
     shutil.copytree(CLIP_TEXT_ENCODER, folder / "text_encoder")
     write_t5_tokenizer(folder / "tokenizer_2")
     write_text_encoder_2(folder / "text_encoder_2")
-    write_transformer(folder / "transformer")
+    write_transformer(folder / "transformer", guidance_embeds)
     write_vae(folder / "vae")
 
 
@@ -188,8 +199,13 @@ def sd3_base_sigmas(steps: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def reference_pipeline(folder: Path, height: int | None, width: int | None, schedule: str = "flux") -> torch.Tensor:
+def reference_pipeline(folder: Path, height: int | None, width: int | None, schedule: str = "flux",
+                       true_cfg_scale: float | None = None) -> torch.Tensor:
     """FluxPipeline's final latents, unpacked to (1, 16, H / 8, W / 8), in fp32 on the CPU.
+
+    true_cfg_scale: FluxPipeline's true classifier-free guidance with the negative prompt "" (for a transformer
+    without a guidance embedder; the pipeline then runs it twice per step, the prompt first), T5 length
+    TRUE_CFG_T5_LENGTH.
 
     schedule "sd3": FluxPipeline with SD3-medium's scheduler and, as `sigmas`, the unshifted grid SD3's
     set_timesteps(N) starts from; the scheduler then applies its fixed shift 3.0 (mu is ignored without dynamic
@@ -203,6 +219,8 @@ def reference_pipeline(folder: Path, height: int | None, width: int | None, sche
     if schedule == "sd3":
         pipe.scheduler = sd3_scheduler()
         extra["sigmas"] = sd3_base_sigmas(PIPELINE_STEPS)
+    if true_cfg_scale is not None:
+        extra |= {"true_cfg_scale": true_cfg_scale, "negative_prompt": "", "max_sequence_length": TRUE_CFG_T5_LENGTH}
     generator = torch.Generator("cpu").manual_seed(PIPELINE_SEED)
     packed = pipe(PIPELINE_PROMPT, num_inference_steps=PIPELINE_STEPS, guidance_scale=PIPELINE_GUIDANCE,
                   height=height, width=width, generator=generator, output_type="latent", **extra).images
@@ -226,9 +244,14 @@ def main() -> None:
         shutil.rmtree(FIXTURES)
     FOLDER.mkdir(parents=True)
     write_pipeline_folder(FOLDER)
+    UNDISTILLED.mkdir()
+    write_pipeline_folder(UNDISTILLED, guidance_embeds=False)
     tensors = {}
     for case, (height, width, schedule) in PIPELINE_CASES.items():
         tensors[f"pipeline/{case}/latents"] = reference_pipeline(FOLDER, height, width, schedule).contiguous()
+    for case, (height, width, schedule) in TRUE_CFG_CASES.items():
+        tensors[f"pipeline/{case}/latents"] = reference_pipeline(UNDISTILLED, height, width, schedule,
+                                                                 TRUE_CFG_SCALE).contiguous()
     for steps in SD3_STEPS:
         tensors[f"sd3/{steps}/sigmas"] = reference_sd3_sigmas(steps)
     save_file(tensors, REFERENCE)
