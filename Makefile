@@ -1,6 +1,6 @@
 # minidit: `make analyze` runs the redundancy analysis, `make test` the test suite.
 PYTHON ?= python
-MODEL ?= dit-tiny
+MODEL ?= flux-tiny
 ARGS ?=
 # Set TORCH_VERSION to pin torch at install time (CI uses the CPU build 2.13.0); unset keeps your own torch.
 TORCH_VERSION ?=
@@ -51,5 +51,5 @@ fixtures:  # regenerate tests/fixtures from the reference implementations (needs
 	$(PYTHON) tests/reference/generate_sd3_pipeline.py  # after generate_flux_pipeline: reuses its writers
 	$(PYTHON) tests/reference/generate_captures.py  # after generate, generate_pixart, generate_mmdit: reads their weights
 
-train-tiny:  # retrain the embedded weights/dit-tiny (about 25 minutes on 2 CPU cores)
-	$(PYTHON) -m minidit.train_tiny
+train-tiny:  # retrain an embedded model, weights/$(MODEL): flux-tiny (28 minutes on 2 CPU cores) or dit-tiny (25)
+	$(PYTHON) -m minidit.train_tiny --model $(MODEL)

@@ -1,10 +1,11 @@
 """Measure how much attention K, V and A change between consecutive diffusion steps, per layer, over prompts.
 
-    python analyze.py                                   # the embedded dit-tiny on the CPU, under a minute
-    python analyze.py --model dit-xl-256 --device cuda --dtype fp16
+    python analyze.py                                   # the embedded flux-tiny on the CPU, under a minute
+    python analyze.py --steps 14 --scheduler sd3        # the study's scheduler ablation, in miniature
+    python analyze.py --model flux-dev --device cuda    # FLUX.1 [dev] itself (a Hub download)
     python analyze.py --model dit-tiny --steps 20 --out runs/tiny-20
-    python analyze.py --compare runs/tiny-20 runs/dit-tiny-ddim-50steps --out runs/compare-steps
-    python analyze.py --aggregate runs/dit-tiny-ddim-50steps    # rebuild tables and figures from the records
+    python analyze.py --compare runs/flux-tiny-flux-28steps runs/flux-tiny-sd3-14steps --out runs/ablation
+    python analyze.py --aggregate runs/flux-tiny-flux-28steps   # rebuild tables and figures from the records
 
 A run directory holds manifest.json, one record per prompt, summary.csv, cv.csv and figures/ (see README).
 """
@@ -13,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minidit.errors import MiniditError
+from minidit.errors import MiniditError, error_line
 from minidit.pipelines.recipe import OPTIONS, Recipe
 
 
@@ -22,15 +23,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     names = ", ".join(sorted(MODELS) + sorted(ALIASES))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="dit-tiny", help=f"one of: {names} (default: dit-tiny)")
+    p.add_argument("--model", default="flux-tiny", help=f"one of: {names} (default: flux-tiny)")
     p.add_argument("--weights", metavar="DIR", help="a local folder in the model's Hub layout instead of a download")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) to download")
     p.add_argument("--download-dir", metavar="DIR", help="download into DIR/<repo name> (e.g. weights/) instead of "
                                                          "the Hugging Face cache")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's pipeline default)")
     p.add_argument("--scheduler", help="sampler name (default: the model's own)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; for FLUX.1 the distilled guidance "
-                                                  "value fed to the model (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; for FLUX.1-dev the distilled "
+                                                  "guidance value fed to the model, for a FLUX without it (flux-tiny) "
+                                                  "the true-CFG scale (default: the pipeline's)")
     p.add_argument("--prompts", metavar="FILE", help="UTF-8 text, one prompt per line (class ids or names for "
                                                      "class-conditional models)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
@@ -130,7 +132,7 @@ def analyze(args: argparse.Namespace) -> Path:
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     folder = resolve_weights(spec, args.weights, args.revision, args.download_dir)
     recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
-    prompts, source = read_prompts(args.prompts, args.num_prompts, recipe.default_prompts())
+    prompts, source = read_prompts(args.prompts, args.num_prompts, list(spec.prompts) or recipe.default_prompts())
     for prompt in prompts:
         recipe.parse_prompt(prompt)
     steps = args.steps or recipe.default_steps
@@ -221,11 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             finish(Path(args.aggregate))
         else:
             analyze(args)
-    except MiniditError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file-system failure at a place that does not report its own
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+    except (MiniditError, OSError) as e:  # OSError: a file-system failure at a place that does not report its own
+        print(error_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished prompts are saved; rerun the same command with --resume to continue",

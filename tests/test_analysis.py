@@ -46,7 +46,8 @@ def float64_metrics(prev: torch.Tensor, cur: torch.Tensor) -> dict[str, float]:
 
 def test_summary_equals_float64_recomputation(tiny_dit, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("--weights", str(tiny_dit), "--steps", "6", "--out", str(out), "--device", "cpu")
+    result = run_cli("--model", "dit-tiny", "--weights", str(tiny_dit), "--steps", "6", "--out", str(out),
+                     "--device", "cpu")
     assert result.returncode == 0, result.stderr
 
     recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
@@ -99,7 +100,8 @@ def test_grouped_and_one_by_one_reduction_agree(tiny_dit, monkeypatch, dtype, pr
 def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 3) + "\n")
-    common = ["--weights", str(tiny_dit), "--prompts", str(prompts), "--steps", "20", "--device", "cpu"]
+    common = ["--model", "dit-tiny", "--weights", str(tiny_dit), "--prompts", str(prompts), "--steps", "20",
+              "--device", "cpu"]
     whole = tmp_path / "whole"
     assert run_cli(*common, "--out", str(whole)).returncode == 0
 
@@ -125,7 +127,9 @@ def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
 
 def test_cv_is_population_std_over_mean_and_every_prompt_counts(tiny_dit, tmp_path):
     out = tmp_path / "run"
-    assert run_cli("--weights", str(tiny_dit), "--steps", "4", "--out", str(out), "--device", "cpu").returncode == 0
+    result = run_cli("--model", "dit-tiny", "--weights", str(tiny_dit), "--steps", "4", "--out", str(out),
+                     "--device", "cpu")
+    assert result.returncode == 0
     run = read_run(out)
     values = derive(run.sums)["l1"]  # [prompt, ...]
     assert values.shape[0] == 4

@@ -18,10 +18,15 @@ analyze = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(analyze)
 
 
+def run_analyze(argv) -> int:
+    """analyze.py's main on the tiny DiT of the `tiny_dit` fixture (argv may name another --model, which wins)."""
+    return analyze.main(["--model", "dit-tiny", *(str(a) for a in argv)])
+
+
 @pytest.fixture(scope="module")
 def existing_run(tiny_dit, tmp_path_factory):
     out = tmp_path_factory.mktemp("existing") / "run"
-    assert analyze.main(["--weights", str(tiny_dit), "--steps", "3", "--out", str(out), "--device", "cpu"]) == 0
+    assert run_analyze(["--weights", tiny_dit, "--steps", "3", "--out", out, "--device", "cpu"]) == 0
     return out
 
 
@@ -32,7 +37,7 @@ def snapshot(folder):
 
 def fails_cleanly(capsys, argv, match, run=None):
     before = snapshot(run) if run else None
-    code = analyze.main([str(a) for a in argv])
+    code = run_analyze(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -292,8 +297,7 @@ def test_aggregate_and_compare_need_runs(capsys, existing_run, tmp_path):
 def test_resume_needs_a_run_or_a_new_folder(capsys, tiny_dit, existing_run, tmp_path):
     """--resume on a folder that does not exist starts the run (`make analyze` always passes it); on a folder that
     holds something else it stops."""
-    assert analyze.main([str(a) for a in ("--weights", tiny_dit, "--steps", "3", "--out", tmp_path / "new",
-                                          "--resume")]) == 0
+    assert run_analyze(["--weights", tiny_dit, "--steps", "3", "--out", tmp_path / "new", "--resume"]) == 0
     assert (tmp_path / "new" / "summary.csv").is_file()
     capsys.readouterr()
     (tmp_path / "other").mkdir()
@@ -311,12 +315,12 @@ def test_disk_full_mid_run_leaves_no_partial_record(capsys, tiny_dit, tmp_path, 
 
     monkeypatch.setattr(np, "savez", disk_full)
     out = tmp_path / "run"
-    argv = [str(a) for a in ("--weights", tiny_dit, "--steps", "3", "--out", out, "--device", "cpu")]
-    code = analyze.main(argv)
+    argv = ["--weights", tiny_dit, "--steps", "3", "--out", out, "--device", "cpu"]
+    code = run_analyze(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 2 and err[0].startswith("dit-tiny: 4 prompts"), err
     assert err[1] == f"error: cannot write {out / 'records' / '000000.npz'}: No space left on device"
     assert list((out / "records").iterdir()) == []
     monkeypatch.undo()
-    assert analyze.main(argv + ["--resume"]) == 0
+    assert run_analyze(argv + ["--resume"]) == 0
     assert sorted(p.name for p in (out / "records").iterdir()) == [f"{i:06d}.npz" for i in range(4)]

@@ -39,10 +39,12 @@ def test_diffusers_loads_it_and_agrees():
         assert torch.equal(ours(x, t, y), ref(x, timestep=t, class_labels=y).sample)
 
 
-def test_default_analysis_writes_everything(tmp_path):
-    """What `make analyze` runs (analyze.py --model dit-tiny --resume --save-images), into a temporary --out."""
+def test_make_analyze_dit_tiny_writes_everything(tmp_path):
+    """What `make analyze MODEL=dit-tiny` runs (analyze.py --model dit-tiny --resume --save-images), into a
+    temporary --out."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "analyze.py"), "--resume", "--save-images", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "analyze.py"), "--model", "dit-tiny", "--resume", "--save-images", "--out",
+           str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr

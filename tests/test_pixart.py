@@ -257,8 +257,8 @@ def test_bad_flags(tmp_path, flag):
 
 
 def test_dit_refuses_text_flags(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--height", "64", "--out", str(tmp_path / "r")],
-                            capture_output=True, text=True, cwd=ROOT)
+    argv = ["--model", "dit-tiny", "--height", "64", "--out", str(tmp_path / "r")]
+    result = subprocess.run([sys.executable, str(ROOT / "analyze.py"), *argv], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "--height does not apply to dit-tiny" in result.stderr
 
 

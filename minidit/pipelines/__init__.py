@@ -20,6 +20,7 @@ class ModelSpec:
     repo: str | None  # Hub repository id; None for the embedded model
     files: tuple[str, ...]  # the Hub files the recipe needs (snapshot allow-patterns)
     about: str
+    prompts: tuple[str, ...] = ()  # a run's prompts when no --prompts file is given; () = the recipe's own
 
     @property
     def embedded(self) -> Path | None:
@@ -49,7 +50,21 @@ _FLUX_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer
                *_weights("transformer", "diffusion_pytorch_model"), *_weights("text_encoder", "model"),
                *_weights("text_encoder_2", "model"), *_weights("vae", "diffusion_pytorch_model"))
 
+# flux-tiny's default prompts: captions of its training data (minidit/tiny/shapes.py), every shape once
+FLUX_TINY_PROMPTS = (
+    "a red circle on a black background",
+    "a yellow square on a dark blue background",
+    "a green triangle on a dark red background",
+    "a blue cross on a dark green background",
+    "an orange ring on a dark blue background",
+    "a purple horizontal bar on a black background",
+    "a yellow vertical bar on a dark green background",
+    "a red diamond on a dark red background",
+)
+
 MODELS = {spec.name: spec for spec in [
+    ModelSpec("flux-tiny", "flux", None, (), "minidit's embedded text-to-image FLUX.1 trained on captioned shapes "
+              "(CPU, seconds)", FLUX_TINY_PROMPTS),
     ModelSpec("dit-tiny", "dit", None, (), "minidit's embedded 8-class DiT trained on drawn shapes (CPU, seconds)"),
     ModelSpec("dit-xl-256", "dit", "facebook/DiT-XL-2-256", _DIT_FILES, "DiT-XL/2 at 256x256, ImageNet classes"),
     ModelSpec("dit-xl-512", "dit", "facebook/DiT-XL-2-512", _DIT_FILES, "DiT-XL/2 at 512x512, ImageNet classes"),

@@ -17,7 +17,7 @@ coverage c in [0, 1]:
    two colours); the shape colour = the per-channel median of the foreground eroded by 2 pixels (by 1, or not at
    all, if nothing would be left): no anti-aliased edge, and in a blurred sample the purest pixels;
 3. each colour is named by its nearest entry of COLOURS (shape) or BACKGROUNDS (background), in the largest
-   per-channel difference, and is unmatched (-1) beyond COLOUR_TOLERANCE;
+   per-channel difference, and is unmatched (-1) beyond COLOUR_MARGIN of the way to the next name;
 4. coverage c = the projection of (pixel - background) on (colour - background), clamped to [0, 1]: for a drawn
    image, the exact coverage `compose` used;
 5. shape = the best template: the coverage against every shape's coverage on a grid of centres and half-extents
@@ -25,18 +25,22 @@ coverage c in [0, 1]:
    on each axis and drawn there; unmatched (-1) below SHAPE_MIN_IOU.
 
 IoU of soft coverages a and t is the Tanimoto ratio a.t / (|a|^2 + |t|^2 - a.t): the IoU for binary masks, and 1
-only when a = t. The thresholds, and the margins measured on drawn images (tests/test_tiny_accuracy.py):
-- COLOUR_TOLERANCE = 2 x COLOUR_JITTER in the largest channel difference: a drawn colour is within COLOUR_JITTER
-  of its name, and a sample may miss by as much again; the names are at least 0.35 (shape colours) and 0.23
-  (backgrounds) apart, so no colour is within the tolerance of two names.
-- SHAPE_MIN_IOU = 0.92: above the best IoU a drawn image ever reaches with another shape's template (0.903, a
+only when a = t. A sample matches its caption when all three parts are named as the caption says; it is also
+*clean* when its shape's IoU reaches CLEAN_IOU. The thresholds, and the margins measured on drawn images
+(tests/test_tiny_accuracy.py):
+- colours: the names are at least 0.35 (shape colours: orange, yellow) and 0.23 (backgrounds: black, dark green)
+  apart in the largest channel difference; a colour is named when it is within COLOUR_MARGIN = 0.45 of that gap
+  of its nearest name (0.158 and 0.104), so never of two names, and a colour halfway between two is neither. A
+  drawn colour is within COLOUR_JITTER = 0.05 of its name; a sample's may miss by twice as much again.
+- SHAPE_MIN_IOU = 0.8: the nearest shape is named when its IoU reaches it. Things that are no shape of the family
+  stay below: two small circles side by side 0.72, a circle beside a square 0.68, a circle of half-extent 6 px
+  (smaller than any drawn one) 0.76, blank or noise far below. An ellipse of aspect 1.35 reads as a circle (0.87).
+- CLEAN_IOU = 0.92: above the best IoU a drawn image ever reaches with another shape's template (0.903, a
   square against the circle's; a diamond reaches 0.895 against the circle's), well below that of its own shape
-  (0.977 at the lowest, a triangle). A shape is named only when the image is closer to it than any image of
-  another shape of the family ever is to it: a blob halfway between a circle and a square is neither, an ellipse
-  of aspect 1.35 is no circle (0.87), two shapes side by side are no shape.
-Drawn images blurred by a Gaussian of 1 px or with Gaussian noise of 0.05 (in [0, 1]) are still read right; a
-shape of half-extent 6 px, smaller than any drawn one, is not named. About 4000 images a second on one CPU core,
-half of it the matmul with the 6480 templates.
+  (0.977 at the lowest, a triangle): a clean sample is closer to its shape than any drawing of another shape
+  ever is. Generated samples often fall between the two: the right shape with ragged edges or a stray line.
+Drawn images blurred by a Gaussian of 1 px or with Gaussian noise of 0.05 (in [0, 1]) are still read right, and
+clean. About 4000 images a second on one CPU core, half of it the matmul with the 6480 templates.
 
 Shapes: images uint8 (B, 32, 32, 3), as recipes' `decode` returns them, or float (B, 3, 32, 32) in [-1, 1].
 """
@@ -60,7 +64,7 @@ from tqdm.auto import tqdm
 from minidit.analysis.figures import DPI
 from minidit.analysis.rundir import atomic_file, make_folder
 from minidit.api import load_backbone, sample
-from minidit.errors import MiniditError
+from minidit.errors import MiniditError, error_line
 from minidit.pipelines.recipe import Recipe
 from minidit.tiny.shapes import (
     BACKGROUNDS,
@@ -85,8 +89,19 @@ _BACKGROUND_TABLE = torch.tensor(list(BACKGROUNDS.values()))  # (4, 3)
 # than this from the background is at least half covered by the shape (0.19 for the tables of shapes.py).
 FOREGROUND_DISTANCE = (torch.cdist(_COLOUR_TABLE, _BACKGROUND_TABLE).min().item()
                        - 2 * math.sqrt(3) * COLOUR_JITTER) / 2
-COLOUR_TOLERANCE = 2 * COLOUR_JITTER  # largest channel difference from a name (the module docstring says why)
-SHAPE_MIN_IOU = 0.92  # the best template's IoU needed to name a shape (the module docstring says why)
+COLOUR_MARGIN = 0.45  # a colour is named within this fraction of the gap to the next name (module docstring)
+SHAPE_MIN_IOU = 0.8  # the best template's IoU needed to name a shape (the module docstring says why)
+CLEAN_IOU = 0.92  # a clean sample's shape IoU: above any drawing's IoU with another shape's template
+
+
+def naming_tolerance(table: torch.Tensor) -> float:
+    """COLOUR_MARGIN of the smallest gap (largest channel difference) between two names of `table` (N, 3)."""
+    gaps = (table[:, None] - table[None]).abs().amax(-1)
+    return COLOUR_MARGIN * gaps[~torch.eye(len(table), dtype=torch.bool)].min().item()
+
+
+COLOUR_TOLERANCE = naming_tolerance(_COLOUR_TABLE)  # 0.158 for the tables of shapes.py
+BACKGROUND_TOLERANCE = naming_tolerance(_BACKGROUND_TABLE)  # 0.104
 
 # The template grid: centres within the drawn jitter and a pixel more, half-extents a little beyond SIZE_RANGE.
 CENTRE_STEP, RADIUS_STEP = 1.0, 0.5  # pixels; the parabola refines each shape's best point between them
@@ -187,10 +202,10 @@ def nearest(rgb: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch
     return index, error
 
 
-def _name(rgb: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`nearest`, UNMATCHED beyond COLOUR_TOLERANCE."""
+def _name(rgb: torch.Tensor, table: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest`, UNMATCHED beyond `tolerance`."""
     index, error = nearest(rgb, table)
-    return torch.where(error <= COLOUR_TOLERANCE, index, UNMATCHED), error
+    return torch.where(error <= tolerance, index, UNMATCHED), error
 
 
 def _vertex(f_minus: torch.Tensor, f0: torch.Tensor, f_plus: torch.Tensor) -> torch.Tensor:
@@ -260,8 +275,8 @@ def _detect(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     cover = ((offset * direction[:, :, None, None]).sum(1) / length2[:, None, None]).clamp(0, 1)  # (B, H, W)
     shape_iou, shape_fit = _fit_shapes(cover)
 
-    colour_index, colour_error = _name(colour, _COLOUR_TABLE)
-    background_index, background_error = _name(background, _BACKGROUND_TABLE)
+    colour_index, colour_error = _name(colour, _COLOUR_TABLE, COLOUR_TOLERANCE)
+    background_index, background_error = _name(background, _BACKGROUND_TABLE, BACKGROUND_TOLERANCE)
     best_iou, shape_index = shape_iou.max(1)
     shape_index = torch.where(best_iou >= SHAPE_MIN_IOU, shape_index, UNMATCHED)
     parts = torch.stack([colour_index, shape_index, background_index], 1)
@@ -300,6 +315,16 @@ class AccuracyReport:
         return self.correct.float().mean().item()
 
     @property
+    def clean(self) -> torch.Tensor:
+        """(N,) bool: correct, and the shape drawn as closely as CLEAN_IOU."""
+        rows = torch.arange(len(self.expected))
+        return self.correct & (self.detection.shape_iou[rows, self.expected[:, 1]] >= CLEAN_IOU)
+
+    @property
+    def clean_accuracy(self) -> float:
+        return self.clean.float().mean().item()
+
+    @property
     def part_accuracy(self) -> dict[str, float]:
         return {name: self.matches[:, k].float().mean().item() for k, name in enumerate(PART_NAMES)}
 
@@ -323,7 +348,8 @@ class AccuracyReport:
         """The overall and per-part accuracy, then the confusions, most frequent first."""
         n = len(self.captions)
         parts = ", ".join(f"{name} {value:.1%}" for name, value in self.part_accuracy.items())
-        lines = [f"caption accuracy {self.accuracy:.1%} ({int(self.correct.sum())} of {n} samples); {parts}"]
+        lines = [f"caption accuracy {self.accuracy:.1%} ({int(self.correct.sum())} of {n} samples); {parts}; "
+                 f"clean (shape IoU >= {CLEAN_IOU}) {self.clean_accuracy:.1%}"]
         for part, counts in self.mistakes().items():
             if counts:
                 pairs = ", ".join(f"{want} -> {got} x{c}" for (want, got), c in counts.most_common())
@@ -407,8 +433,9 @@ def write_grid_figure(report: AccuracyReport, path: str | Path, title: str | Non
     width = blocks * block_w + PAD
     parts = ", ".join(f"{name} {value:.0%}" for name, value in report.part_accuracy.items())
     head = (f"{title + ': ' if title else ''}{int(report.correct.sum())} of {len(report.captions)} samples match "
-            f"their caption ({report.accuracy:.1%}); {parts}. Green frame: colour, shape and background all read as "
-            "the caption says; red: the parts read otherwise are under the image.")
+            f"their caption ({report.accuracy:.1%}); {parts}; {report.clean_accuracy:.0%} clean (shape IoU >= "
+            f"{CLEAN_IOU}). Green frame: colour, shape and background all read as the caption says; red: the parts "
+            "read otherwise are under the image.")
     head = textwrap.fill(head, max(40, width // TITLE_CHAR_W))
     title_h = LINE_H * (head.count("\n") + 1) + PAD + LINE_H  # the title, then the seed labels
     height = title_h + rows * row_h + PAD
@@ -476,11 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
-    except MiniditError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file-system failure at a place that does not report its own
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+    except (MiniditError, OSError) as e:  # OSError: a file-system failure at a place that does not report its own
+        print(error_line(e), file=sys.stderr)
         return 2
     return 0
 

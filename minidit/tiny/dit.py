@@ -24,8 +24,16 @@ from safetensors.torch import save_file
 
 from minidit.models.dit import DiT, DiTConfig, load_dit, save_hub_config
 from minidit.schedulers.ddim import DDIM, DDIMConfig
-from minidit.tiny.shapes import (BACKGROUND_MAX, CLASSES, IMAGE_SIZE, JITTER, SATURATION_RANGE, SIZE_RANGE,
-                                 VALUE_RANGE, draw_shapes)
+from minidit.tiny.shapes import (
+    BACKGROUND_MAX,
+    CLASSES,
+    IMAGE_SIZE,
+    JITTER,
+    SATURATION_RANGE,
+    SIZE_RANGE,
+    VALUE_RANGE,
+    draw_shapes,
+)
 from minidit.tiny.training import Schedule, train_for, write_json
 
 # ---- model and training --------------------------------------------------------------------------------
