@@ -25,8 +25,9 @@ def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revi
     if weights_dir is not None:
         folder = Path(weights_dir)
         if not folder.is_dir():
+            example = f"made by `hf download {spec.repo}`" if spec.repo else f"as {spec.embedded} is"
             raise MiniditError(f"--weights {folder} does not exist: pass a folder in the Hub layout of "
-                               f"{spec.repo or spec.name} (e.g. made by `hf download {spec.repo}`)")
+                               f"{spec.repo or spec.name} (e.g. {example})")
         return folder
     if spec.embedded is not None:
         if not (spec.embedded / "model_index.json").is_file():

@@ -324,3 +324,10 @@ def test_disk_full_mid_run_leaves_no_partial_record(capsys, tiny_dit, tmp_path, 
     monkeypatch.undo()
     assert run_analyze(argv + ["--resume"]) == 0
     assert sorted(p.name for p in (out / "records").iterdir()) == [f"{i:06d}.npz" for i in range(4)]
+
+
+def test_missing_weights_folder_of_an_embedded_model(capsys, existing_run, tmp_path):
+    """An embedded model has no Hub repository to name: the line points at its own folder as the example."""
+    line = fails_cleanly(capsys, ["--model", "flux-tiny", "--weights", tmp_path / "none", "--out", existing_run],
+                         "does not exist", existing_run)
+    assert "None" not in line and "weights/flux-tiny" in line
