@@ -51,5 +51,5 @@ fixtures:  # regenerate tests/fixtures from the reference implementations (needs
 	$(PYTHON) tests/reference/generate_sd3_pipeline.py  # after generate_flux_pipeline: reuses its writers
 	$(PYTHON) tests/reference/generate_captures.py  # after generate, generate_pixart, generate_mmdit: reads their weights
 
-train-tiny:  # retrain an embedded model, weights/$(MODEL): flux-tiny (28 minutes on 2 CPU cores) or dit-tiny (25)
+train-tiny:  # retrain an embedded model, weights/$(MODEL): flux-tiny (28 min + 1.5 to export and measure) or dit-tiny (25)
 	$(PYTHON) -m minidit.train_tiny --model $(MODEL)
