@@ -1,4 +1,5 @@
-"""`make bench`: what the analysis costs, and minidit's DiT forward against diffusers' on the same weights.
+"""`make bench`: what the analysis costs (flux-tiny, dit-tiny, DiT-XL/2's width), and minidit's DiT forward against
+diffusers' on the same weights.
 
 Ratios are measured in one process, interleaving the contenders and keeping each one's best of several
 repeats, so that machine load affects both alike. Printed, never asserted.
@@ -20,6 +21,7 @@ from conftest import write_dit_folder  # noqa: E402
 
 import minidit  # noqa: E402
 from minidit.models.dit import DiTConfig, load_dit  # noqa: E402
+from minidit.pipelines import FLUX_TINY_PROMPTS  # noqa: E402
 
 
 def best_of(repeats: int, *fns):
@@ -33,10 +35,13 @@ def best_of(repeats: int, *fns):
     return times
 
 
-def analysis_overhead(recipe, name: str, prompts: int, steps: int, repeats: int) -> None:
-    """Best total over `repeats` of sampling the prompts plainly and with the recorder, alternating the two
-    prompt by prompt (and which goes first, repeat by repeat) so that a slow spell of the machine hits both."""
-    labels = recipe.default_prompts()[:prompts]
+def analysis_overhead(recipe, name: str, prompts: int, steps: int, repeats: int,
+                      texts: tuple[str, ...] = ()) -> None:
+    """Best total over `repeats` of sampling the prompts (`texts`, or the recipe's defaults) plainly and with the
+    recorder, alternating the two prompt by prompt (and which goes first, repeat by repeat) so that a slow spell of
+    the machine hits both. Prompts are encoded beforehand, as in a run."""
+    labels = list(texts or recipe.default_prompts())[:prompts]
+    recipe.prepare(labels)
     for record in (False, True):  # warm-up
         minidit.sample(recipe, labels[0], steps=steps, record=record)
     best = {False: float("inf"), True: float("inf")}
@@ -105,6 +110,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    flux_tiny = minidit.load_backbone("flux-tiny")
+    analysis_overhead(flux_tiny, "flux-tiny", args.prompts, flux_tiny.default_steps, 2 * args.repeats,
+                      FLUX_TINY_PROMPTS)
     analysis_overhead(minidit.load_backbone("dit-tiny"), "dit-tiny", args.prompts, args.steps, 2 * args.repeats)
     xl_folder = xl_width_folder()
     xl = minidit.load_backbone("dit-tiny", weights_dir=xl_folder)
