@@ -154,3 +154,10 @@ def test_make_analyze_default(tmp_path):
     assert len(list((out / "images").glob("*.png"))) == 8
     for name in ("grid_l1_img_all.png", "grid_l1_txt_all.png", "heatmap_rel_l1_txt_all.png", "samples.png"):
         assert (out / "figures" / name).stat().st_size > 0, name
+
+
+def test_training_pairs_each_picture_with_its_caption():
+    """The trainer looks up a drawn picture's text encoding by caption_index: the row of its caption."""
+    captions = shapes.all_captions()
+    parts = torch.tensor([shapes.parse_caption(c) for c in captions])
+    assert shapes.caption_index(parts).tolist() == list(range(len(captions)))

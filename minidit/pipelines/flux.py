@@ -120,8 +120,9 @@ class FluxRecipe:
         self.folder, self.dtype, self.device = folder, dtype, device
         self.model: FluxTransformer = load_flux(folder / "transformer", dtype=dtype, device=device)
         self.distilled = self.model.config.guidance_embeds  # dev: distilled guidance; else --guidance is true CFG
-        self.scheduler_config = weights.read_json(folder / "scheduler" / "scheduler_config.json")
-        if not self.distilled and timestep_distilled(FlowMatchConfig.from_hub(self.scheduler_config)):
+        scheduler_file = weights.read_json(folder / "scheduler" / "scheduler_config.json")
+        self.scheduler_config = FlowMatchConfig.from_hub(scheduler_file)
+        if not self.distilled and timestep_distilled(self.scheduler_config):
             self.default_steps, self.default_guidance = SCHNELL_STEPS, 0.0  # the diffusers docs and BFL's code
         elif not self.distilled:  # undistilled (flux-tiny): FluxPipeline's steps, true CFG
             self.default_steps, self.default_guidance = FLUX_STEPS, TRUE_CFG_SCALE
@@ -168,7 +169,7 @@ class FluxRecipe:
         return self.resolution[0] // self.vae_scale, self.resolution[1] // self.vae_scale
 
     def make_scheduler(self, name: str, steps: int) -> FlowMatchEuler:
-        cfg = SD3_SCHEDULER if name == "sd3" else FlowMatchConfig.from_hub(self.scheduler_config)
+        cfg = SD3_SCHEDULER if name == "sd3" else self.scheduler_config
         h, w = self.latent_size()
         tokens = (h // PACK) * (w // PACK)  # packed image tokens: FluxPipeline's image_seq_len, in both spaces
         return FlowMatchEuler(cfg, steps, image_seq_len=tokens, schedule=name)

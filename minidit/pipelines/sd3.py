@@ -64,7 +64,8 @@ class SD3Recipe:
                  width: int | None = None, max_sequence_length: int | None = None):
         self.folder, self.dtype, self.device = folder, dtype, device
         self.model: SD3Transformer = load_sd3(folder / "transformer", dtype=dtype, device=device)
-        self.scheduler_config = weights.read_json(folder / "scheduler" / "scheduler_config.json")
+        scheduler_file = weights.read_json(folder / "scheduler" / "scheduler_config.json")
+        self.scheduler_config = FlowMatchConfig.from_hub(scheduler_file)
         self.tokenizer = CLIPTokenizer(folder / "tokenizer")  # pads with <|endoftext|>
         self.tokenizer_2 = CLIPTokenizer(folder / "tokenizer_2")  # pads with "!" (id 0)
         self.tokenizer_3 = T5Tokenizer(folder / "tokenizer_3")
@@ -106,7 +107,7 @@ class SD3Recipe:
     # ---- sampling ----------------------------------------------------------------------------------------
 
     def make_scheduler(self, name: str, steps: int) -> FlowMatchEuler:
-        cfg = FLUX_SCHEDULER if name == "flux" else FlowMatchConfig.from_hub(self.scheduler_config)
+        cfg = FLUX_SCHEDULER if name == "flux" else self.scheduler_config
         return FlowMatchEuler(cfg, steps, image_seq_len=flow.image_seq_len(*self.resolution), schedule=name)
 
     branches = recipe.uncond_cond  # [uncond; cond] with guidance

@@ -4,6 +4,7 @@ untrained detector of the drawn family (shapes.py).
     detect(images)                              -> DetectionResult: (colour, shape, background) of each image
     caption_accuracy(generate, captions, seeds) -> AccuracyReport: sample every (caption, seed), detect, compare
     recipe_generator(recipe)                    the `generate(caption, seed)` of a minidit recipe
+    measure(recipe)                             caption_accuracy of a recipe over the default grid
     default_grid()                              the reported grid: 48 captions x 4 seeds
     write_grid_figure(report, path)             the samples, a green or red border each, a caption per row
 
@@ -489,11 +490,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> AccuracyReport:
-    recipe = load_backbone(args.model, weights_dir=args.weights)
+def measure(recipe: Recipe, steps: int | None = None, scheduler: str | None = None,
+            guidance: float | None = None) -> AccuracyReport:
+    """The caption accuracy of a recipe over `default_grid()` (its own defaults where None)."""
     captions, seeds = default_grid()
     recipe.prepare(captions)  # e.g. encode each caption once, not once per seed
-    report = caption_accuracy(recipe_generator(recipe, args.steps, args.scheduler, args.guidance), captions, seeds)
+    return caption_accuracy(recipe_generator(recipe, steps, scheduler, guidance), captions, seeds)
+
+
+def run(args: argparse.Namespace) -> AccuracyReport:
+    recipe = load_backbone(args.model, weights_dir=args.weights)
+    report = measure(recipe, args.steps, args.scheduler, args.guidance)
     print(report.summary())
     print(f"figure: {write_grid_figure(report, args.out, title=args.model)}")
     return report

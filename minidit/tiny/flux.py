@@ -169,7 +169,7 @@ class FlowLoss:
     def batch(self, n: int, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
         parts = shapes.random_parts(n, self.generator)
         images = shapes.draw_captions(parts, self.generator)
-        index = (parts[:, 0] * len(shapes.CLASSES) + parts[:, 1]) * len(shapes.BACKGROUNDS) + parts[:, 2]
+        index = shapes.caption_index(parts)  # the row of states and pooled
         drop = torch.rand(n, generator=self.generator) < dropout
         return images, index.masked_fill(drop, len(self.pooled) - 1)
 
@@ -294,18 +294,10 @@ def train_and_export(minutes: float, out: Path, command: str) -> None:
 
 def write_card(out: Path, stats: dict, command: str) -> None:
     """Measure the caption accuracy of the model in `out` at its defaults, then write its README.md."""
-    report = measure(out)
+    report = accuracy.measure(load_backbone("flux-tiny", weights_dir=out))
     stats = {**stats, "megabytes": folder_megabytes(out)}
     (out / "README.md").write_text(model_card(stats, report.summary(), command))
     print(f"{out}: {stats['megabytes']:.1f} MB; caption accuracy {report.accuracy:.3f}", flush=True)
-
-
-def measure(folder: Path) -> accuracy.AccuracyReport:
-    """The caption accuracy of the model in `folder` over accuracy.default_grid(), at the recipe's defaults."""
-    recipe = load_backbone("flux-tiny", weights_dir=folder)
-    captions, seeds = accuracy.default_grid()
-    recipe.prepare(captions)
-    return accuracy.caption_accuracy(accuracy.recipe_generator(recipe), captions, seeds)
 
 
 def model_card(stats: dict, caption_accuracy: str, command: str) -> str:

@@ -123,6 +123,11 @@ def all_captions() -> list[str]:
     return [caption(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
 
 
+def caption_index(parts: torch.Tensor) -> torch.Tensor:
+    """(n,) rows of `all_captions()` of captions given as (n, 3) (colour, shape, background) indices."""
+    return (parts[:, 0] * len(SHAPES) + parts[:, 1]) * len(BACKGROUNDS) + parts[:, 2]
+
+
 def parse_caption(text: str) -> tuple[int, int, int] | None:
     """(colour, shape, background) indices of a caption of `caption`'s form, or None if it is not one."""
     for i, c in enumerate(COLOURS):
