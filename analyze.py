@@ -42,14 +42,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # the recipe options (minidit/pipelines/recipe.py: OPTIONS): each model takes some; not given = the model's own
     p.add_argument("--convention", choices=["diffusers", "original"],
                    help="DiT only: diffusers' DiTPipeline numerics (default) or the original repository's")
-    p.add_argument("--height", type=int, help="text-to-image models: image height in pixels (default: the model's)")
-    p.add_argument("--width", type=int, help="text-to-image models: image width in pixels (default: the model's)")
-    p.add_argument("--frames", type=int, help="video models (none yet): frames to generate (default: the model's)")
+    p.add_argument("--height", type=int, help="text-to-image and video models: height in pixels (default: the "
+                                              "model's)")
+    p.add_argument("--width", type=int, help="text-to-image and video models: width in pixels (default: the model's)")
+    p.add_argument("--frames", type=int, help="video models: frames to generate (default: the model's: Latte 16, "
+                                              "CogVideoX 49, which must be 4k+1)")
     p.add_argument("--max-sequence-length", type=int, metavar="N",
-                   help="text-to-image models: T5 tokens per prompt (default: the pipeline's: PixArt 120, "
-                        "SD3 256, FLUX.1-dev 512, schnell 256)")
+                   help="text-conditioned models: T5 tokens per prompt (default: the pipeline's: PixArt and "
+                        "Latte 120, CogVideoX 226, SD3 256, FLUX.1-dev 512, schnell 256)")
     p.add_argument("--cross-attention", action="store_true", default=None,
-                   help="PixArt: also record the cross-attention layers (as extra layers of kind 'cross')")
+                   help="PixArt, Latte: also record the cross-attention layers (as extra layers of kind 'cross')")
+    p.add_argument("--dynamic-cfg", action="store_true", default=None,
+                   help="CogVideoX: the pipeline's use_dynamic_cfg, a guidance scale that rises over the steps")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/MODEL-SCHEDULER-Nsteps)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished prompts")
     p.add_argument("--save-images", action="store_true", help="write each prompt's image and a sample grid")

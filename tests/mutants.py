@@ -190,6 +190,8 @@ MUTANTS = [
         edit("minidit/pipelines/recipe.py", 'return ("uncond", "cond") if guidance > 1 else ("cond",)',
              'return ("cond", "uncond") if guidance > 1 else ("cond",)'),),
         ("tests/test_mmdit_analysis.py::test_sd3_summary_equals_float64_recomputation",)),
+    # ---- Latte (tests/test_latte.py)
+    # ---- CogVideoX (tests/test_cogvideox.py)
 ]
 
 

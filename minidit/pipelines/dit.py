@@ -58,6 +58,7 @@ class DiTRecipe:
     default_scheduler = "ddim"
     default_steps = 50  # DiTPipeline's num_inference_steps
     default_guidance = 4.0  # DiTPipeline's guidance_scale
+    decodes = True
     # facebookresearch/DiT sample.py's class labels, used when no --prompts file is given
     default_labels = (207, 360, 387, 974, 88, 979, 417, 279)
 

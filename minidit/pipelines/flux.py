@@ -114,6 +114,7 @@ class FluxRecipe:
     # FLUX.1-dev's FluxPipeline defaults; an instance without a guidance embedder sets its own (module docstring)
     default_steps = FLUX_STEPS
     default_guidance = 3.5
+    decodes = True
 
     def __init__(self, folder: Path, *, dtype: torch.dtype, device: str, height: int | None = None,
                  width: int | None = None, max_sequence_length: int | None = None):

@@ -74,6 +74,7 @@ class PixArtRecipe:
     default_scheduler = "dpm-solver++"
     default_steps = 20  # PixArtAlphaPipeline's num_inference_steps
     default_guidance = 4.5  # PixArtAlphaPipeline's guidance_scale
+    decodes = True
 
     def __init__(self, folder: Path, *, dtype: torch.dtype, device: str, height: int | None = None,
                  width: int | None = None, max_sequence_length: int | None = None, cross_attention: bool = False):

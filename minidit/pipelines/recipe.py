@@ -19,7 +19,7 @@ from minidit.vae.autoencoder_kl import AutoencoderKLDecoder
 Scheduler = DDIM | DPMSolver | FlowMatchEuler
 # Every option a recipe may take: a keyword argument of its constructor, and the analyze.py flag of the same name
 # (max_sequence_length is --max-sequence-length). Not given (None) means the model's default.
-OPTIONS = ("convention", "height", "width", "frames", "max_sequence_length", "cross_attention")
+OPTIONS = ("convention", "height", "width", "frames", "max_sequence_length", "cross_attention", "dynamic_cfg")
 
 
 class Recipe(Protocol):
@@ -29,6 +29,7 @@ class Recipe(Protocol):
     options: ClassVar[tuple[str, ...]]  # the OPTIONS its constructor takes; analyze.py refuses the other flags
     schedulers: ClassVar[tuple[str, ...]]  # the --scheduler names it can make
     default_scheduler: ClassVar[str]
+    decodes: ClassVar[bool]  # whether decode() exists (--save-images); False while a decoder is missing (a 3D VAE)
     default_steps: int  # the reference pipeline's defaults, which may depend on the weights (FLUX schnell)
     default_guidance: float  # <= 1: the conditional branch alone
     model: torch.nn.Module  # the backbone, where the recorder attaches
@@ -43,7 +44,7 @@ class Recipe(Protocol):
     def manifest_fields(self) -> dict: ...  # manifest.json's "resolution", "frames" (None: images), DiT's "convention"
     def prepare(self, prompts: list[str]) -> None: ...  # before a run's prompts: e.g. encode them, free the encoders
     def generate(self, prompt: str, seed: int, scheduler: Scheduler, guidance: float) -> torch.Tensor: ...  # latents
-    def decode(self, latents: torch.Tensor) -> np.ndarray: ...  # uint8 (B, H, W, 3) images
+    def decode(self, latents: torch.Tensor) -> np.ndarray: ...  # uint8 images (B, H, W, 3), videos (B, T, H, W, 3)
 
 
 # ---- shared by the recipes -------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class SD3Recipe:
     default_scheduler = "sd3"
     default_steps = 28  # StableDiffusion3Pipeline's num_inference_steps
     default_guidance = 7.0  # StableDiffusion3Pipeline's guidance_scale
+    decodes = True
 
     def __init__(self, folder: Path, *, dtype: torch.dtype, device: str, height: int | None = None,
                  width: int | None = None, max_sequence_length: int | None = None):
