@@ -131,6 +131,9 @@ def analyze(args: argparse.Namespace) -> Path:
         raise MiniditError(f"{spec.name} has no scheduler {scheduler_name!r}; choose one of "
                            f"{', '.join(recipe_type.schedulers)}")
     options = recipe_options(recipe_type, args)
+    if args.save_images and not recipe_type.decodes:
+        raise MiniditError(f"--save-images: minidit has no decoder for {spec.name} yet (its 3D VAE is a later "
+                           f"piece of work); run without it, or keep the final latents with --save-latents")
     check_paths(args)
     device = args.device or default_device()
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
@@ -175,20 +178,28 @@ def finish(out: Path) -> Path:
     written = write_figures(run, out / "figures")
     images = sorted((out / "images").glob("*.png")) if (out / "images").is_dir() else []
     if images:
-        written += sample_grid_from_files(images, out, sample_grid)
+        written += sample_grid_from_files(images, out, sample_grid, video=run.manifest.get("frames") is not None)
     print(f"done: {len(run.prompt_indices)} prompts in {out}/ (summary.csv, cv.csv, "
           f"{len(written)} figures in {out}/figures)", file=sys.stderr)
     return out
 
 
-def sample_grid_from_files(images: list[Path], out: Path, sample_grid) -> list[Path]:
+VIDEO_STRIP_PX = 160  # the height of a video's frame strip in the samples figure
+
+
+def sample_grid_from_files(images: list[Path], out: Path, sample_grid, video: bool) -> list[Path]:
+    """figures/samples.png from the run's images/ (for a video run: its frame strips, one per row, scaled down)."""
     import numpy as np
     from PIL import Image
 
     prompts = (out / "prompts.txt").read_text(encoding="utf-8").splitlines()
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    pictures = [Image.open(p).convert("RGB") for p in images]
+    if video:
+        pictures = [im.resize((max(1, round(im.width * VIDEO_STRIP_PX / im.height)), VIDEO_STRIP_PX),
+                              Image.Resampling.LANCZOS) if im.height > VIDEO_STRIP_PX else im for im in pictures]
     labels = [prompts[int(p.stem)] for p in images]
-    return sample_grid(arrays, labels, out / "figures" / "samples.png")
+    return sample_grid([np.asarray(im) for im in pictures], labels, out / "figures" / "samples.png",
+                       columns=1 if video else None)
 
 
 def compare(args: argparse.Namespace) -> Path:

@@ -210,12 +210,27 @@ def test_recorder_counts_steps_and_needs_two(tiny_dit):
         recorder.finish()
 
 
-def test_prev_on_host_gives_the_same_sums(tiny_dit):
-    recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit)
-    _, on_device = minidit.sample(recipe, "square", steps=4, record=True)
-    _, on_host = minidit.sample(recipe, "square", steps=4, record=True, prev_on_host=True)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_prev_on_host_gives_the_same_sums(tiny_dit, monkeypatch, dtype):
+    """--prev-on-host keeps the previous step of every large capture in a host buffer, staged back into two device
+    buffers per capture shape one capture ahead (recorder.HostPrevious): the sums are those of the default, which
+    holds the model's own tensors, to the bit; the device holds the staging buffers only."""
+    from minidit.analysis import recorder
+
+    monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", 0)  # every capture takes the large-capture path
+    model = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit, dtype=dtype)
+    layers, branches = model.attention_layers(), model.branches(model.default_guidance)
+    results = {}
+    for on_host in (False, True):
+        rec = recorder.Recorder(layers, branches=branches, num_steps=4, device="cpu", prev_on_host=on_host)
+        with rec.attach(model.model):
+            model.generate("square", 0, model.make_scheduler("ddim", 4), model.default_guidance)
+        results[on_host] = rec.finish(), rec.held_bytes, rec.host_bytes
+    (on_device, device_held, no_host), (on_host, staging, host) = results[False], results[True]
     np.testing.assert_array_equal(on_device, on_host)
     assert on_device.shape == (2, 1, 2, 3, 3, 7)  # layer, stream, branch, tensor, transition, sums
+    assert no_host == 0 and host == device_held  # the same previous steps, moved to the host
+    assert 0 < staging < device_held  # two staging buffers per capture shape instead of every capture
 
 
 def test_dit_xl_hub_layout_end_to_end(tmp_path):
@@ -240,3 +255,27 @@ def test_dit_xl_hub_layout_end_to_end(tmp_path):
     assert latents.shape == (1, 4, 8, 8)
     assert Image.open(out / "images" / "000001.png").size == (16, 16)  # the tiny VAE upsamples twice
     assert (out / "figures" / "samples.png").is_file()
+
+
+def test_a_video_is_saved_as_a_gif_and_a_frame_strip(tmp_path):
+    """--save-images for a video model: each prompt's frames as an animated GIF, and in the PNG a strip of at most
+    8 evenly spaced frames (first and last included) that the samples figure shows, one strip per row."""
+    from PIL import Image
+
+    from minidit.analysis.engine import STRIP_FRAMES, save_images_file
+
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (6, 3), dtype=np.uint8)  # few colours: the GIF's palette holds them exactly
+    video = palette[rng.integers(0, 6, (1, 12, 8, 10))]  # (B, T, H, W, 3)
+    save_images_file(tmp_path / "000000.png", video)
+    gif = Image.open(tmp_path / "000000.gif")
+    assert gif.n_frames == 12
+    for t in (0, 5, 11):
+        gif.seek(t)
+        assert np.array_equal(np.asarray(gif.convert("RGB")), video[0, t])
+    shown = [0, 2, 3, 5, 6, 8, 9, 11]  # linspace(0, 11, 8), rounded
+    assert len(shown) == STRIP_FRAMES
+    strip = np.asarray(Image.open(tmp_path / "000000.png"))
+    assert np.array_equal(strip, np.concatenate(list(video[0, shown]), axis=1))
+    save_images_file(tmp_path / "000001.png", video[:, :3])  # fewer frames than the strip's: all of them
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "000001.png")), np.concatenate(list(video[0, :3]), axis=1))

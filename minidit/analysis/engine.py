@@ -91,6 +91,7 @@ def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: S
         step_bar.close()
     manifest = run.manifest()
     manifest["analysis_held_bytes"] = max(manifest.get("analysis_held_bytes", 0), recorder.held_bytes)
+    manifest["analysis_host_bytes"] = max(manifest.get("analysis_host_bytes", 0), recorder.host_bytes)
     manifest["n_prompts_done"] = len(run.done())
     run.write_manifest(manifest)
     return len(todo)
@@ -104,12 +105,31 @@ def save_latents_file(path: Path, latents: torch.Tensor) -> None:
     write_atomic(path, save({"latents": latents.detach().float().cpu().contiguous()}))
 
 
-def save_images_file(path: Path, images: np.ndarray) -> None:
-    import io
+STRIP_FRAMES = 8  # a video's frame strip shows at most this many frames, evenly spaced, first and last included
+GIF_FPS = 8  # Latte's and CogVideoX's sample videos are written at 8 frames per second
 
+
+def save_images_file(path: Path, images: np.ndarray) -> None:
+    """uint8 images (B, H, W, 3) side by side in one PNG; videos (B, T, H, W, 3): an animated GIF beside it (the
+    batch side by side in every frame) and, in the PNG, a strip of `STRIP_FRAMES` frames (rows: the batch)."""
     from PIL import Image
 
     make_folder(path.parent)
+    if images.ndim == 5:
+        frames = np.concatenate(list(images), axis=2)  # (T, H, B*W, 3)
+        gif = [Image.fromarray(frame) for frame in frames]
+        write_atomic(path.with_suffix(".gif"), _encoded(gif[0], "GIF", save_all=True, append_images=gif[1:],
+                                                        duration=round(1000 / GIF_FPS), loop=0))
+        shown = np.unique(np.linspace(0, images.shape[1] - 1, min(STRIP_FRAMES, images.shape[1])).round().astype(int))
+        images = np.stack([np.concatenate(list(video[shown]), axis=1) for video in images])  # (B, H, n*W, 3)
+        write_atomic(path, _encoded(Image.fromarray(np.concatenate(list(images), axis=0)), "PNG"))
+        return
+    write_atomic(path, _encoded(Image.fromarray(np.concatenate(list(images), axis=1)), "PNG"))
+
+
+def _encoded(image, fmt: str, **options) -> bytes:
+    import io
+
     buffer = io.BytesIO()
-    Image.fromarray(np.concatenate(list(images), axis=1)).save(buffer, format="PNG")
-    write_atomic(path, buffer.getvalue())
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()

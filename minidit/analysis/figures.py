@@ -422,8 +422,10 @@ def compare(runs: list[Run], labels: list[str], metric: str, out_path: str | Pat
 # Generated images
 
 
-def sample_grid(images: list[np.ndarray], labels: list[str], out_path: str | Path) -> list[Path]:
-    """uint8 (H, W, 3) images in a grid, each label under its image; small images upscaled by an integer factor.
+def sample_grid(images: list[np.ndarray], labels: list[str], out_path: str | Path,
+                columns: int | None = None) -> list[Path]:
+    """uint8 (H, W, 3) images in a grid (`columns` wide, or as the layer grids are laid out), each label under its
+    image; small images upscaled by an integer factor.
 
     The pixels are placed 1:1 (`figimage`), so upscaled 32 x 32 samples show their exact pixels.
     """
@@ -436,6 +438,9 @@ def sample_grid(images: list[np.ndarray], labels: list[str], out_path: str | Pat
               for im in images for f in [max(1, math.ceil(SAMPLE_CELL_PX / min(im.shape[:2])))]]
     cell_h, cell_w = max(im.shape[0] for im in scaled), max(im.shape[1] for im in scaled)
     rows, cols, _ = grid_layout([len(images)])
+    if columns is not None:
+        cols = min(columns, len(images))
+        rows = math.ceil(len(images) / cols)
     pad, label_h = 8, 40  # pixels
     width, height = cols * (cell_w + pad) + pad, rows * (cell_h + label_h + pad) + pad
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")

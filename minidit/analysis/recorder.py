@@ -19,9 +19,9 @@ when the step ends: a small model would otherwise spend as long launching the re
 own. Step 0 finds the groups: its small captures wait (at most `FLUSH_BYTES` of them), then those of equal
 size and dtype become one group. Each group has two buffers, used in alternate steps, so the previous
 step's values are at hand; they stay on the device (they are small). Larger captures are reduced as they
-arrive, and the recorder keeps a reference to the model's tensor (no copy) until the next step's arrives,
-or a host copy with `prev_on_host`: it holds one step of K, V and A, plus one float32 work buffer per
-capture shape.
+arrive, and the recorder keeps a reference to the model's tensor (no copy) until the next step's arrives: it
+holds one step of K, V and A, plus one float32 work buffer per capture shape. With `prev_on_host` it keeps
+them in host memory instead (`HostPrevious`): the accelerator then holds two staging buffers per capture shape.
 
 Usage, around a sampling loop whose backbone is `model`:
 
@@ -70,6 +70,7 @@ class Recorder:
             raise MiniditError(f"the analysis compares consecutive steps: it needs at least 2 steps, got {num_steps}")
         self.layers, self.branches, self.num_steps = layers, branches, num_steps
         self.device, self.prev_on_host = torch.device(device), prev_on_host
+        self.host_bytes = 0  # with prev_on_host: the host memory the previous-step tensors took
         self.layer_index = {layer.name: i for i, layer in enumerate(layers)}
         self.streams = stream_axis(layers)
         self.stream_index = {name: i for i, name in enumerate(self.streams)}
@@ -83,6 +84,7 @@ class Recorder:
         self.scratch: dict[torch.Size, torch.Tensor] = {}  # work space for large captures, one per shape
         self.pending: list[tuple[Key, torch.Tensor]] = []  # small captures of step 0, not yet grouped
         self.pending_bytes = 0
+        self.host = HostPrevious(self.device) if self.prev_on_host else None
         self.step = -1
         self.taken = self.expected = 0  # captures this step, and at step 0
 
@@ -101,8 +103,6 @@ class Recorder:
         self.step += 1
         if self.step >= self.num_steps:
             raise MiniditError(f"the backbone was called more than the {self.num_steps} steps the recorder expects")
-        if self.step == 1:
-            self.held_bytes = max(self.held_bytes, self._bytes_held())
 
     def capture(self, layer: str, tensor: str, x: torch.Tensor, token_dim: int, streams: Streams) -> None:
         li = self.layer_index.get(layer)
@@ -121,7 +121,7 @@ class Recorder:
             place[self.step % 2].copy_(x)
         elif x.numel() * x.element_size() >= GROUP_BELOW_BYTES:  # large: reduce now, hold the model's own tensor
             group = self.groups.get((key,)) or self._new_group((key,), [x], grouped=False)
-            self._reduce_large(group, _per_branch(x, len(self.branches)))
+            self._reduce_large(group, _per_branch(x, len(self.branches)), key)
         else:
             if self.step > 0:
                 raise MiniditError(f"step {self.step} captured {self._describe(key)}, which step 0 did not: the "
@@ -184,7 +184,7 @@ class Recorder:
             torch.sum(d.abs_(), dim=-1, out=stats[D_ABS])
         torch.sum(torch.abs(cur, out=other), dim=-1, out=stats[X_L1])
 
-    def _reduce_large(self, group: Group, cur: torch.Tensor) -> None:
+    def _reduce_large(self, group: Group, cur: torch.Tensor, key: Key) -> None:
         """cur: (Br, n), this step's capture in its own dtype, a view of the model's tensor."""
         if group.step == self.step:
             raise MiniditError(f"{self._describe(group.keys[0])} was captured twice in one step: each attention "
@@ -195,13 +195,18 @@ class Recorder:
         if work is None:
             work = self.scratch[x.shape] = torch.empty(x.shape, device=self.device)
         torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32, out=stats[X_NORM])
-        if group.held is not None:
-            p = group.held.to(self.device, non_blocking=True)
+        if self.step > 0:
+            p = self.host.previous(key) if self.host else group.held
             d = torch.sub(p, _float32(x, work), out=work)  # X_{d-1} - X_d, in float32
+            if self.host:
+                self.host.release(p)
             torch.linalg.vector_norm(d, dim=-1, out=stats[D_NORM])
             torch.sum(d.abs_(), dim=-1, out=stats[D_ABS])
         torch.sum(torch.abs(_float32(x, work), out=work), dim=-1, out=stats[X_L1])
-        group.held = x.to("cpu", non_blocking=True) if self.prev_on_host else x
+        if self.host:
+            self.host.store(key, x, step=self.step, last_step=self.step == self.num_steps - 1)
+        else:
+            group.held = x
 
     def _describe(self, key: Key) -> str:
         li, si, ti = key
@@ -219,13 +224,17 @@ class Recorder:
                 f"Nothing was recorded for this prompt")
 
     def _bytes_held(self) -> int:
+        """On the device: the small captures' buffers, the large captures' previous steps (or their staging
+        buffers when they are on the host)."""
         seen, total = set(), 0
-        for group in self.groups.values():
-            for t in group.buffers or [group.held]:
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
+        held = [t for g in self.groups.values() for t in g.buffers or [g.held] if t is not None]
+        if self.host:
+            held += [t for slots in self.host.slots.values() for t in slots]
+        for t in held:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
         return total
 
     def finish(self) -> np.ndarray:
@@ -233,11 +242,13 @@ class Recorder:
         self._end_step()
         if self.step != self.num_steps - 1:
             raise MiniditError(f"the backbone ran {self.step + 1} steps, the recorder expected {self.num_steps}")
+        self.held_bytes = max(self.held_bytes, self._bytes_held())  # as at every step from the first on
+        self.host_bytes = max(self.host_bytes, self.host.host_bytes() if self.host else 0)
         groups = list(self.groups.values())
         stats = torch.cat([g.stats.flatten(2) for g in groups], dim=2).double().cpu().numpy()  # the one host sync
         for g in groups:
             g.held = g.buffers = None
-        self.places, self.scratch = {}, {}
+        self.places, self.scratch, self.host = {}, {}, None
         # scatter the groups' columns to [layer, stream, branch, tensor, step, row]
         per_step = np.zeros((*self.n.shape[:2], len(self.branches), len(TENSORS), self.num_steps, 4))
         start = 0
@@ -263,6 +274,94 @@ class Recorder:
                                f"in place, or the backbone saw the same input twice; the statistics would be wrong")
         n = np.broadcast_to(self.n[:, :, None, :, None, None], sums.shape[:-1] + (1,))
         return np.concatenate([n, sums], axis=-1)
+
+
+class HostPrevious:
+    """The previous step of every large capture in host memory (`prev_on_host`), for models whose K, V and A of
+    one step do not fit beside the model (CogVideoX-5b at 49 frames: 27.5 GB in bf16).
+
+    Each capture has a host buffer of its own, pinned on CUDA. `store` writes the capture into it from a side
+    stream as soon as the recorder has reduced it, and then stages the previous step of the capture expected
+    next (captures come in the same order at every step) from the host into one of two device buffers per
+    capture shape, from a second side stream: both copies overlap the model's work, and `previous` only waits
+    for the staging copy it needs. On the CPU the same steps run as plain copies.
+    """
+
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.device = device
+        self.to_host = torch.cuda.Stream(device) if cuda else None  # device -> host copies
+        self.to_device = torch.cuda.Stream(device) if cuda else None  # host -> device staging copies
+        self.buffers: dict[Key, torch.Tensor] = {}  # the host buffers, one per capture
+        self.written: dict[Key, torch.cuda.Event | None] = {}  # when each host buffer's last write is done
+        self.order: list[Key] = []  # the captures in the order of the first step
+        self.slots: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype) -> two device staging buffers
+        self.slot_free: dict[int, torch.cuda.Event | None] = {}  # staging buffer (data_ptr) -> when its reader ends
+        self.turn: dict[tuple, int] = {}  # (shape, dtype) -> the staging buffer to use next
+        self.staged: dict[Key, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # previous steps already staged
+
+    def previous(self, key: Key) -> torch.Tensor:
+        """The capture's previous step on the device, in its own dtype."""
+        staged = self.staged.pop(key, None)
+        self.staged.clear()  # staged for a capture that did not come next: its buffer may be reused, drop it
+        slot, ready = staged or self._stage(key)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
+        return slot
+
+    def release(self, slot: torch.Tensor) -> None:
+        """The recorder has queued its last read of `slot`: a later staging copy may overwrite it after that."""
+        self.slot_free[slot.data_ptr()] = self._event(torch.cuda.current_stream(self.device) if self.to_host else None)
+
+    def store(self, key: Key, x: torch.Tensor, step: int, last_step: bool) -> None:
+        """Copy this step's capture to its host buffer, then stage the previous step of the next capture (from
+        step 1 on: the first step sets the order)."""
+        host = self.buffers.get(key)
+        if host is None:
+            host = self.buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.to_host is not None)
+            self.order.append(key)
+        if self.to_host is not None:  # the copy starts after the work queued so far (x's values, the reduction)
+            self.to_host.wait_stream(torch.cuda.current_stream(self.device))
+        with self._on(self.to_host):
+            host.copy_(x, non_blocking=True)
+            self.written[key] = self._event(self.to_host)
+        if self.to_host is not None:
+            x.record_stream(self.to_host)  # the allocator must not reuse x's memory before the copy is done
+        if step == 0:
+            return
+        following = self.order[(self.order.index(key) + 1) % len(self.order)]
+        if following != key and not (last_step and following == self.order[0]):
+            self.staged[following] = self._stage(following, side=True)
+
+    def _stage(self, key: Key, side: bool = False) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        host = self.buffers[key]
+        kind = (host.shape, host.dtype)
+        if kind not in self.slots:
+            self.slots[kind] = [torch.empty(host.shape, dtype=host.dtype, device=self.device) for _ in range(2)]
+            self.turn[kind] = 0
+        slot = self.slots[kind][self.turn[kind]]
+        self.turn[kind] ^= 1
+        stream = self.to_device if side else None
+        with self._on(stream):
+            for event in (self.written.get(key), self.slot_free.get(slot.data_ptr())):
+                if event is not None:
+                    torch.cuda.current_stream(self.device).wait_event(event)
+            slot.copy_(host, non_blocking=True)
+            ready = self._event(stream)
+        return slot, ready
+
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+    def _on(self, stream: torch.cuda.Stream | None):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _event(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
 
 
 def stream_axis(layers: list[AttentionLayer]) -> tuple[str, ...]:
