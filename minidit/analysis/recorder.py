@@ -225,9 +225,10 @@ class Recorder:
 
     def _bytes_held(self) -> int:
         """On the device: the small captures' buffers, the large captures' previous steps (or their staging
-        buffers when they are on the host)."""
+        buffers when they are on the host) and float32 work buffers."""
         seen, total = set(), 0
         held = [t for g in self.groups.values() for t in g.buffers or [g.held] if t is not None]
+        held += list(self.scratch.values())
         if self.host:
             held += [t for slots in self.host.slots.values() for t in slots]
         for t in held:

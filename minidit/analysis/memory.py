@@ -1,0 +1,92 @@
+"""What the analysis holds in memory, computed from the shapes: the README's memory table.
+
+    python -m minidit.analysis.memory          # every model at its defaults (and the video models at full length)
+
+The recorder (recorder.py) holds, for every capture (a layer's K, V or A, one stream of it), the previous step
+until the next one arrives: captures under `GROUP_BELOW_BYTES` as two float32 buffers of their own, larger ones
+as the model's own tensor (in the model's dtype) plus one float32 work buffer per capture size. With
+`prev_on_host` the large ones move to pinned host buffers, and the accelerator keeps two staging buffers per
+capture size. `held_bytes` applies these rules to a list of capture sizes; tests/test_analysis.py checks it
+against what a recorder reports for real runs.
+"""
+
+import argparse
+from dataclasses import dataclass
+
+from minidit.analysis import recorder
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One model at one size, as its recorded layers see it."""
+
+    model: str
+    size: str  # what the numbers are for, e.g. "49 x 480 x 720"
+    params: int  # the backbone's parameters (reference/checkpoints.md §12.1)
+    layers: int
+    width: int  # D: every captured token has D values
+    tokens: dict[str, int]  # stream -> tokens per batch element that a layer's K, V and A carry
+    branches: int  # guidance halves in the batch
+    text_in_last: bool = True  # SD3's last block has no text output: no A of the text stream there
+
+    def captures(self) -> list[int]:
+        """Elements per capture (all branches), in the order a step captures them."""
+        per_layer = [self.branches * tokens * self.width for tokens in self.tokens.values() for _ in "KVA"]
+        sizes = per_layer * self.layers
+        if not self.text_in_last:
+            sizes.remove(self.branches * self.tokens["txt"] * self.width)
+        return sizes
+
+
+def held_bytes(captures: list[int], itemsize: int, prev_on_host: bool = False) -> tuple[int, int]:
+    """(accelerator bytes, host bytes) the recorder holds for captures of these sizes (elements, all branches)
+    in a model dtype of `itemsize` bytes, not counting the float32 sums (a few numbers per capture and step)."""
+    small = [n for n in captures if n * itemsize < recorder.GROUP_BELOW_BYTES]
+    large = [n for n in captures if n * itemsize >= recorder.GROUP_BELOW_BYTES]
+    device = sum(2 * 4 * n for n in small)  # two float32 buffers, one per step parity
+    device += sum(4 * n for n in set(large))  # the float32 work buffer of each capture size
+    if prev_on_host:
+        return device + sum(2 * itemsize * n for n in set(large)), sum(itemsize * n for n in large)
+    return device + sum(itemsize * n for n in large), 0
+
+
+T5_XXL = 4_762_310_656
+SETTINGS = [
+    Setting("dit-xl-256", "256 x 256", 675_129_632, 28, 1152, {"img": 256}, 2),
+    Setting("pixart-1024", "1024 x 1024", 611_349_152, 28, 1152, {"img": 4096}, 2),
+    Setting("sd3", "1024 x 1024", 2_028_328_000, 24, 1536, {"img": 4096, "txt": 333}, 2, text_in_last=False),
+    Setting("flux-dev", "1024 x 1024", 11_901_408_320, 57, 3072, {"img": 4096, "txt": 512}, 1),
+    # Latte: spatial layers see (B T) x 1024 tokens, temporal (B L) x 16: 16,384 per batch element either way
+    Setting("latte", "16 x 512 x 512", 1_057_246_880, 56, 1152, {"img": 16 * 1024}, 2),
+    Setting("cogvideox-2b", "49 x 480 x 720", 1_693_783_872, 30, 1920, {"img": 13 * 1350, "txt": 226}, 2),
+    Setting("cogvideox-5b", "49 x 480 x 720", 5_570_283_072, 42, 3072, {"img": 13 * 1350, "txt": 226}, 2),
+]
+TEXT_ENCODER = {"dit-xl-256": 0, "flux-dev": T5_XXL + 123_060_480, "sd3": T5_XXL + 123_650_304 + 694_659_840}
+
+
+def table(itemsize: int = 2) -> str:
+    """The README's table (markdown), in a model dtype of `itemsize` bytes (2: bf16, the default on a GPU)."""
+    rows = ["| model | frames x height x width | backbone | text encoders (released after encoding) | "
+            "previous K, V, A (default: accelerator) | `--prev-on-host`: accelerator | `--prev-on-host`: host |",
+            "|---|---|---|---|---|---|---|"]
+    for s in SETTINGS:
+        captures = s.captures()
+        device, _ = held_bytes(captures, itemsize)
+        staging, host = held_bytes(captures, itemsize, prev_on_host=True)
+        text = TEXT_ENCODER.get(s.model, T5_XXL)
+        rows.append(f"| {s.model} | {s.size} | {s.params * itemsize / GB:.1f} GB | "
+                    f"{text * itemsize / GB:.1f} GB | {device / GB:.1f} GB | {staging / GB:.2f} GB | "
+                    f"{host / GB:.1f} GB |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--itemsize", type=int, default=2, help="bytes per value of the model dtype (default 2)")
+    print(table(parser.parse_args().itemsize))
+
+
+if __name__ == "__main__":
+    main()
