@@ -11,12 +11,13 @@ from tqdm.auto import tqdm
 
 from minidit.attention import AttentionLayer
 from minidit.errors import MiniditError
+from minidit.schedulers.cogvideox_ddim import CogVideoXDDIM
 from minidit.schedulers.ddim import DDIM
 from minidit.schedulers.dpm_solver import DPMSolver
 from minidit.schedulers.flow import FlowMatchEuler
 from minidit.vae.autoencoder_kl import AutoencoderKLDecoder
 
-Scheduler = DDIM | DPMSolver | FlowMatchEuler
+Scheduler = DDIM | DPMSolver | FlowMatchEuler | CogVideoXDDIM
 # Every option a recipe may take: a keyword argument of its constructor, and the analyze.py flag of the same name
 # (max_sequence_length is --max-sequence-length). Not given (None) means the model's default.
 OPTIONS = ("convention", "height", "width", "frames", "max_sequence_length", "cross_attention", "dynamic_cfg")
