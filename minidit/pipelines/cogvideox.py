@@ -59,8 +59,8 @@ def video_frames(frames: int | None, default: int, temporal: int, name: str) -> 
     frames = default if frames is None else frames
     if frames < 1 or (frames - 1) % temporal:
         examples = ", ".join(str(temporal * k + 1) for k in range(4))
-        raise MiniditError(f"--frames must be {temporal}k+1 ({examples}, ... {default}) for {name}, got {frames}: "
-                           f"its VAE compresses {temporal} frames into one latent frame after the first")
+        raise MiniditError(f"--frames must be {temporal}k+1 for {name} ({examples}, ...; default {default}), got "
+                           f"{frames}: its VAE compresses {temporal} frames into one latent frame after the first")
     return frames
 
 
