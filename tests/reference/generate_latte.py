@@ -17,7 +17,11 @@ It writes, under tests/fixtures/latte/ (the run is deterministic):
                            transformer has the real depth (28 spatial + 28 temporal blocks) at width 16, so that an
                            analysis of the folder has Latte's 56 (+28 cross) layers.
     reference.safetensors  transformer cases (inputs and outputs), K/V/A captured inside diffusers' attention
-                           processors, LattePipeline's final latents, a decoded video
+                           processors, LattePipeline's final latents, a decoded video; and a "small-variance"
+                           case: the same transformer with every gate (and the ungated cross-attention output)
+                           scaled by 1e-2 (`small_variance_weights`, applied by the tests to the folder's weights)
+                           and a single-frame input whose patch embedding cancels the position table up to noise
+                           of std 1e-2, so that the residual stream stays near 1e-2 and every LayerNorm's eps shows
     fullsize.json          the full-size transformer built by diffusers on the meta device: parameter count, key
                            names and shapes
     VERSIONS.json          the library versions that produced the expected outputs
@@ -93,6 +97,8 @@ CAPTURE_BLOCKS = (0, 13, 27)
 PIPELINE_PROMPT = "  A Small Cabin beside a FROZEN lake, northern lights "
 PIPELINE_CASES = {"video": (64, 64, VIDEO_LENGTH, 7.5), "image": (48, 80, 1, 7.5),
                   "no-guidance": (64, 48, VIDEO_LENGTH, 1.0)}
+GATE_SCALE, SMALL_STD = 1e-2, 1e-2  # the small-variance case
+SMALL_VARIANCE_T = (500, 20)
 PIPELINE_STEPS = 3
 PIPELINE_SEED = 0
 DECODE_SHAPE = (1, 4, VIDEO_LENGTH, 4, 6)  # 16 frames: one chunk of 14 and one of 2
@@ -168,6 +174,53 @@ def reference_captures(inputs: dict[str, torch.Tensor], blocks=None) -> dict[str
     assert {key.split("/")[0] for key in store} == set(modules), "a layer did not run"
     keep = lambda layer: blocks is None or int(layer.split(".")[1]) in blocks  # noqa: E731
     return {k: v for k, v in store.items() if keep(k.split("/")[0])}
+
+
+def small_variance_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights with the gate rows (gate_msa, gate_mlp) of adaln_single.linear and of every block's
+    scale_shift_table, and the cross-attention's output projection, scaled by GATE_SCALE (pure torch: the tests
+    apply it to the fixture folder's weights)."""
+    dim = sd["scale_shift_table"].shape[1]
+    small = {k: v.clone() for k, v in sd.items()}
+    for k, v in small.items():
+        if k in ("adaln_single.linear.weight", "adaln_single.linear.bias"):
+            for chunk in (2, 5):  # (shift, scale, gate) for attention, then for the FFN
+                v[chunk * dim:(chunk + 1) * dim] *= GATE_SCALE
+        elif k.endswith(".scale_shift_table"):  # the blocks' (not the final layer's)
+            v[[2, 5]] *= GATE_SCALE
+        elif ".attn2.to_out.0." in k:
+            v *= GATE_SCALE
+    return small
+
+
+def small_variance_inputs(model) -> dict[str, torch.Tensor]:
+    """Single frames at the config's size whose patch embedding cancels the 2D sin-cos table up to noise of std
+    SMALL_STD: the square patch-embedding matrix (C p p = D) inverted in float64 for every patch."""
+    p, c, n = model.config.patch_size, model.config.in_channels, model.config.sample_size // model.config.patch_size
+    conv, batch = model.pos_embed.proj, len(SMALL_VARIANCE_T)
+    w = conv.weight.double().reshape(conv.weight.shape[0], -1)  # (D, C p p), columns in (c, kh, kw) order
+    g = torch.Generator().manual_seed(SEED + 4)
+    target = SMALL_STD * torch.randn(batch, n * n, w.shape[0], generator=g, dtype=torch.float64)
+    patches = torch.linalg.solve(w, (target - conv.bias.double() - model.pos_embed.pos_embed.double()).mT).mT
+    x = patches.reshape(batch, n, n, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(batch, c, 1, n * p, n * p)
+    text = torch.randn(batch, TEXT_LENGTH, TINY["caption_channels"], generator=g)
+    return {"x": x.float(), "t": torch.tensor(SMALL_VARIANCE_T), "text": text}
+
+
+def small_variance_eps_effects(small, inputs: dict[str, torch.Tensor], expected: torch.Tensor) -> dict[str, float]:
+    """How far a LayerNorm eps of 1e-5 instead of 1e-6 moves the small-variance output, per group of norms."""
+    groups = {"final": [small.norm_out],
+              "spatial": [n for b in small.transformer_blocks for n in (b.norm1, b.norm2)],
+              "temporal": [n for b in small.temporal_transformer_blocks for n in (b.norm1, b.norm2)]}
+    moved = {}
+    for name, norms in groups.items():
+        for norm in norms:
+            norm.eps = 1e-5
+        out = reference_forward(small, inputs)
+        for norm in norms:
+            norm.eps = 1e-6
+        moved[name] = ((out - expected).abs().max() / expected.abs().max().clamp(min=1)).item()
+    return moved
 
 
 def write_transformer(folder: Path, model) -> None:
@@ -278,6 +331,18 @@ def main() -> None:
         tensors |= {f"model/{case}/{k}": v for k, v in inputs.items()} | {f"model/{case}/out": out}
     masked, unmasked = tensors["model/image/masked/out"], tensors["model/image/unmasked/out"]
     assert not torch.allclose(masked[0], unmasked[0]) and torch.equal(masked[1], unmasked[1])
+
+    small = load_transformer()
+    small.load_state_dict(small_variance_weights(small.state_dict()))
+    inputs = small_variance_inputs(small)
+    with torch.no_grad():
+        first = small.pos_embed(inputs["x"][:, :, 0])  # the first LayerNorm's input
+    assert first.std(dim=-1).max() < 3 * SMALL_STD, first.std(dim=-1).max()
+    out = reference_forward(small, inputs)
+    moved = small_variance_eps_effects(small, inputs, out)
+    print(f"small-variance case: a LayerNorm eps of 1e-5 instead of 1e-6 moves the output by {moved}")
+    assert min(moved.values()) > 1e-4, moved  # 10x and more the tests' tolerance
+    tensors |= {f"small-variance/{k}": v for k, v in inputs.items()} | {"small-variance/out": out}
 
     inputs = capture_inputs()
     tensors |= {f"captures/input/{k}": v for k, v in inputs.items()}
