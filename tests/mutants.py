@@ -191,6 +191,40 @@ MUTANTS = [
              'return ("cond", "uncond") if guidance > 1 else ("cond",)'),),
         ("tests/test_mmdit_analysis.py::test_sd3_summary_equals_float64_recomputation",)),
     # ---- Latte (tests/test_latte.py)
+    Mutant("latte-final-eps", "Latte final LayerNorm eps 1e-5 instead of 1e-6", (
+        edit("minidit/models/latte.py", "self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)",
+             "self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-5)"),),
+        ("tests/test_latte.py",)),
+    Mutant("latte-temporal-ffn-eps", "Latte temporal block FFN LayerNorm eps fixed at 1e-5, not the config's 1e-6", (
+        edit("minidit/models/latte.py", 'temporal_transformer_blocks.{index}.attn1", kv_stream="img")\n        '
+             "self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.norm_eps)",
+             'temporal_transformer_blocks.{index}.attn1", kv_stream="img")\n        '
+             "self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-5)"),),
+        ("tests/test_latte.py",)),
+    Mutant("latte-temporal-shift-scale-swapped", "Latte temporal block FFN modulation with shift and scale swapped", (
+        edit("minidit/models/latte.py", "self.attn1(h, h)\n        x = x + gate_mlp[:, None] * self.ff(modulate("
+             "self.norm2(x), shift_mlp, scale_mlp))", "self.attn1(h, h)\n        x = x + gate_mlp[:, None] * "
+             "self.ff(modulate(self.norm2(x), scale_mlp, shift_mlp))"),),
+        ("tests/test_latte.py",)),
+    Mutant("latte-A-before-to_out", "Latte A (spatial, temporal, cross) taken before the output projection", (
+        edit("minidit/models/latte.py", "return attention_output(self.to_out[0](out), layer=self.layer)",
+             "return self.to_out[0](attention_output(out, layer=self.layer))"),),
+        ("tests/test_latte.py",)),
+    Mutant("latte-fold-T-outermost", "Latte temporal fold with the token positions outermost: (L B) T D", (
+        edit("minidit/models/latte.py", 'x = rearrange(x, "(B T) L D -> (B L) T D", B=B)',
+             'x = rearrange(x, "(B T) L D -> (L B) T D", B=B)'),
+        edit("minidit/models/latte.py", 'x = rearrange(x, "(B L) T D -> (B T) L D", B=B)',
+             'x = rearrange(x, "(L B) T D -> (B T) L D", B=B)')),
+        ("tests/test_latte.py",)),
+    Mutant("latte-temporal-pos-late", "Latte temporal position table added after the first temporal block", (
+        edit("minidit/models/latte.py", "if i == 0 and T > 1:", "if i == 1 and T > 1:"),),
+        ("tests/test_latte.py",)),
+    Mutant("latte-mask-feature-off", "Latte prompt and negative T5 states not cut to the prompt's tokens", (
+        edit("minidit/pipelines/latte.py", "keep = int(cond[1].sum())", "keep = cond[0].shape[1]"),),
+        ("tests/test_latte.py",)),
+    Mutant("latte-branch-order", "Latte text batch built [cond; uncond] while labelled and combined [uncond; cond]", (
+        edit("minidit/pipelines/latte.py", "return torch.cat([uncond, cond])", "return torch.cat([cond, uncond])"),),
+        ("tests/test_latte.py",)),
     # ---- CogVideoX (tests/test_cogvideox.py)
 ]
 
