@@ -226,6 +226,52 @@ MUTANTS = [
         edit("minidit/pipelines/latte.py", "return torch.cat([uncond, cond])", "return torch.cat([cond, uncond])"),),
         ("tests/test_latte.py",)),
     # ---- CogVideoX (tests/test_cogvideox.py)
+    Mutant("cogvideox-qk-norm-eps", "CogVideoX per-head q/k LayerNorm eps 1e-5 (the blocks' norm_eps), not 1e-6", (
+        edit("minidit/models/cogvideox.py", "QK_NORM_EPS = 1e-6", "QK_NORM_EPS = 1e-5"),),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-enc-shift-scale-swapped", "CogVideoX text-stream attention modulation: enc_shift and enc_scale "
+           "swapped", (
+        edit("minidit/models/cogvideox.py", "modulate(self.norm1.norm(c), enc_shift, enc_scale)",
+             "modulate(self.norm1.norm(c), enc_scale, enc_shift)"),),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-rope-on-text", "CogVideoX RoPE on the first L tokens (the text included), not the video's", (
+        edit("minidit/models/cogvideox.py", "q = torch.cat([q[:, :, :lt], apply_rope(q[:, :, lt:], *rope)], dim=2)",
+             "q = torch.cat([apply_rope(q[:, :, :x.shape[1]], *rope), q[:, :, x.shape[1]:]], dim=2)"),
+        edit("minidit/models/cogvideox.py", "k = torch.cat([k[:, :, :lt], apply_rope(k[:, :, lt:], *rope)], dim=2)",
+             "k = torch.cat([apply_rope(k[:, :, :x.shape[1]], *rope), k[:, :, x.shape[1]:]], dim=2)")),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-streams-swapped", "CogVideoX K/V/A labelled [img; txt] while the tokens are [txt; img]", (
+        edit("minidit/models/cogvideox.py", 'streams = (("txt", lt), ("img", x.shape[1]))',
+             'streams = (("img", x.shape[1]), ("txt", lt))'),),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-A-before-to_out", "CogVideoX A taken before the output projection", (
+        edit("minidit/models/cogvideox.py",
+             "a = attention_output(self.to_out[0](out), layer=self.layer, streams=streams)",
+             "a = self.to_out[0](attention_output(out, layer=self.layer, streams=streams))"),),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-final-scale-shift", "CogVideoX norm_out read as (scale, shift), SD3's and FLUX's order", (
+        edit("minidit/models/cogvideox.py", "        shift, scale = self.linear(F.silu(emb)).chunk(2, dim=1)",
+             "        scale, shift = self.linear(F.silu(emb)).chunk(2, dim=1)"),),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-sincos-halves-swapped", "CogVideoX-2b position table with its row and column halves swapped", (
+        edit("minidit/models/cogvideox.py", "grid_h, grid_w = torch.meshgrid(rows, cols",
+             "grid_w, grid_h = torch.meshgrid(rows, cols"),),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-snr-shift-inverted", "CogVideoX DDIM SNR multiplied by snr_shift_scale instead of divided", (
+        edit("minidit/schedulers/cogvideox_ddim.py", "return alphas_cumprod / (scale + (1 - scale) * alphas_cumprod)",
+             "return alphas_cumprod * scale / (1 + (scale - 1) * alphas_cumprod)"),),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-no-zero-snr", "CogVideoX DDIM without the zero-terminal-SNR rescale", (
+        edit("minidit/schedulers/cogvideox_ddim.py",
+             "alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)", "pass"),),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-dynamic-cfg-exponent", "CogVideoX dynamic CFG with exponent 3 instead of 5", (
+        edit("minidit/pipelines/cogvideox.py", "num_steps) ** 5.0))", "num_steps) ** 3.0))"),),
+        ("tests/test_cogvideox.py",)),
+    Mutant("cogvideox-dynamic-cfg-step-index", "CogVideoX dynamic CFG fed the step index instead of the timestep", (
+        edit("minidit/pipelines/cogvideox.py", "dynamic_guidance(guidance, t, steps)",
+             "dynamic_guidance(guidance, scheduler.timesteps.index(t), steps)"),),
+        ("tests/test_cogvideox.py",)),
 ]
 
 
