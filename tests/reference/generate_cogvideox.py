@@ -33,6 +33,7 @@ tell. The scheduler cases cover both values.
 Functions here are also used by the tests' "live" cases; diffusers and transformers are imported inside functions.
 """
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -147,8 +148,10 @@ def build_transformer(variant: str):
     return model
 
 
+@functools.cache
 def load_transformer(variant: str):
-    """The written folder's transformer through diffusers' own loading, in fp32 (the stored 16-bit values)."""
+    """The written folder's transformer through diffusers' own loading, in fp32 (the stored 16-bit values); loaded
+    once (main writes the folders first)."""
     return tools.quiet_diffusers().CogVideoXTransformer3DModel.from_pretrained(
         FOLDERS[variant] / "transformer", torch_dtype=torch.float32).eval()
 
