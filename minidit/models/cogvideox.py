@@ -266,7 +266,7 @@ class CogVideoXTransformer(nn.Module):
         """x (B, T, C, H, W) latents, text (B, Lt, 4096) T5 states, timestep (B,) integer DDIM timesteps
         -> v-prediction (B, T, C_out, H, W)."""
         cfg = self.config
-        B, T, _, H, W = x.shape
+        _, T, _, H, W = x.shape
         h, w = H // cfg.patch_size, W // cfg.patch_size
         t_freq = timestep_embedding(timestep, cfg.hidden_size, flip_sin_to_cos=cfg.flip_sin_to_cos,
                                     freq_shift=cfg.freq_shift)
