@@ -1,11 +1,12 @@
-"""`make bench`: what the analysis costs (flux-tiny, dit-tiny, DiT-XL/2's width), and minidit's DiT forward against
-diffusers' on the same weights.
+"""`make bench`: what the analysis costs (flux-tiny, dit-tiny, DiT-XL/2's width, Latte-1's width), and minidit's DiT and
+Latte forwards against diffusers' on the same weights.
 
 Ratios are measured in one process, interleaving the contenders and keeping each one's best of several
 repeats, so that machine load affects both alike. Printed, never asserted.
 """
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,61 @@ def forward_vs_diffusers(xl_folder: Path, repeats: int) -> None:
               f"ratio {mine / theirs:.3f} x (max |diff| {err:.1e})")
 
 
+def latte_width(steps: int, repeats: int) -> None:
+    """Latte-1's blocks (width 1152, 16 heads) with 2 spatial and 2 temporal blocks, 16 frames of 256 tokens (256 x
+    256 pixels), batch 2 (guidance): minidit's forward against diffusers' LatteTransformer3DModel on identical
+    weights, and a sampling loop of `steps` forwards with and without the recorder."""
+    from minidit.analysis.recorder import Recorder
+    from minidit.models.latte import Latte, LatteConfig, load_latte
+
+    torch.manual_seed(0)
+    try:
+        from diffusers import LatteTransformer3DModel
+    except ImportError:  # the recorder's overhead only, on random weights
+        diffusers_model = None
+        with torch.no_grad():
+            ours = Latte(LatteConfig(num_layers=2, sample_size=32))
+            for p in ours.parameters():
+                p.normal_(0, 0.02)
+    else:
+        diffusers_model = LatteTransformer3DModel(
+            num_layers=2, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, patch_size=2,
+            sample_size=32, caption_channels=4096, cross_attention_dim=1152, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True,
+            num_embeds_ada_norm=1000).eval()
+        folder = Path(tempfile.mkdtemp()) / "latte-width"
+        diffusers_model.save_pretrained(folder)
+        ours = load_latte(folder)
+    batch, frames, text_tokens = 2, 16, 120
+    x = torch.randn(batch, 4, frames, 32, 32)
+    t, text = torch.full((batch,), 500), torch.randn(batch, text_tokens, 4096)
+    print(f"Latte-1 width (1152, 16 heads), 2 spatial + 2 temporal blocks, {frames} frames x 256 tokens, batch "
+          f"{batch}, fp32, {torch.get_num_threads()} threads")
+    with torch.no_grad():
+        if diffusers_model is None:
+            print("  forward vs diffusers: skipped (install the reference extra: make install-reference)")
+        else:
+            def theirs_fn():
+                return diffusers_model(x, timestep=t, encoder_hidden_states=text).sample
+
+            err = (ours(x, t, text) - theirs_fn()).abs().max().item()
+            mine, theirs = best_of(repeats, lambda: ours(x, t, text), theirs_fn)
+            print(f"  forward: minidit {mine:7.3f} s, diffusers {theirs:7.3f} s, ratio {mine / theirs:.3f} x "
+                  f"(max |diff| {err:.1e})")
+
+        def loop(record: bool) -> None:
+            rec = Recorder(ours.attention_layers(), branches=("uncond", "cond"), num_steps=steps, device="cpu")
+            with rec.attach(ours) if record else contextlib.nullcontext():
+                for step in range(steps):
+                    ours(x + 0.01 * step, t - 10 * step, text)
+            if record:
+                rec.finish()
+
+        plain, recorded = best_of(repeats, lambda: loop(False), lambda: loop(True))
+    print(f"  {steps} steps: plain {plain:7.3f} s, with the recorder {recorded:7.3f} s, "
+          f"ratio {recorded / plain:.3f} x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--prompts", type=int, default=4)
@@ -119,6 +175,7 @@ def main() -> None:
     analysis_overhead(xl, "DiT-XL/2 width, 4 layers, 256x256", 2, 10, max(2, args.repeats // 2))
     peak_memory(args.steps)
     forward_vs_diffusers(xl_folder, args.repeats * 4)
+    latte_width(steps=4, repeats=max(2, args.repeats // 2))
 
 
 if __name__ == "__main__":

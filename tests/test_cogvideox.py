@@ -357,8 +357,9 @@ def test_analyze_end_to_end(variant, source, tmp):
     and settings (the default 64x96, 5 frames, 3 steps, guidance 6)."""
     code, out = analysis(variant, tmp)
     assert code == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert manifest["frames"] == 5 and manifest["resolution"] == [64, 96] and manifest["timesteps"] == [999, 666, 332]
+    assert manifest["sigmas"][0] is None  # zero terminal SNR: pure noise, an infinite sigma (standard JSON: null)
     assert manifest["scheduler"]["config"]["snr_shift_scale"] == G.SNR_SHIFT_SCALE[variant]
     with (out / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -377,3 +378,5 @@ def test_analyze_save_images_fails_cleanly(tmp, capsys):
                          "--out", str(tmp / "images")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "Traceback" not in "".join(err)
+    assert "3D VAE" in err[-1] and "--save-latents" in err[-1]
+    assert not (tmp / "images").exists()  # refused before anything was loaded or sampled

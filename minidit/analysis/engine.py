@@ -4,6 +4,7 @@
 records into tables and plots. They are separate steps so that several processes can fill one directory.
 """
 
+import math
 import platform
 import sys
 import time
@@ -36,7 +37,7 @@ def build_manifest(recipe: Recipe, spec: ModelSpec, *, weights: str, revision: s
         "steps": len(scheduler.timesteps),
         "scheduler": scheduler_manifest(scheduler),
         "timesteps": [float(t) for t in scheduler.timesteps],
-        "sigmas": [float(s) for s in scheduler.sigmas],
+        "sigmas": [float(s) if math.isfinite(s) else None for s in scheduler.sigmas],  # None: infinite (pure noise)
         "guidance": guidance,
         **recipe.manifest_fields(),  # resolution, frames and what else the recipe's numbers depend on
         "seed": seed,
