@@ -377,6 +377,21 @@ def test_analyze_latte_end_to_end(tmp_path, monkeypatch):
     assert scaled_error(latents, stored()["pipeline/video/latents"]) <= PIPELINE_TOL
 
 
+def test_analyze_latte_single_frame_without_guidance(tmp_path, monkeypatch):
+    """--frames 1 at 48x80, guidance 1 (the conditional branch alone), no --cross-attention: the 56 self-attention
+    layers, 28 spatial then 28 temporal."""
+    monkeypatch.setattr(minidit.analysis.figures, "write_figures", lambda run, out: [])
+    out = tmp_path / "run"
+    argv = ["--model", "latte", "--weights", G.FOLDER, "--num-prompts", "1", "--steps", "2", "--frames", "1",
+            "--height", "48", "--width", "80", "--guidance", "1", "--device", "cpu", "--out", out]
+    assert analyze.main([str(a) for a in argv]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["frames"], manifest["resolution"], manifest["branches"]) == (1, [48, 80], ["cond"])
+    with (out / "summary.csv").open() as f:
+        kinds = {int(r["layer"]): r["kind"] for r in csv.DictReader(f)}
+    assert [kinds[i] for i in sorted(kinds)] == ["spatial"] * 28 + ["temporal"] * 28
+
+
 def test_analyze_refuses_a_frame_count(capsys, tmp_path):
     argv = ["--model", "latte", "--weights", G.FOLDER, "--frames", "8", "--out", tmp_path / "run"]
     assert analyze.main([str(a) for a in argv]) == 2
