@@ -302,3 +302,9 @@ def test_memory_rules_equal_what_the_recorder_holds(model, dtype, large, prev_on
     captures = [int(n) * len(branches) for n in rec.n.flatten() if n > 0]
     itemsize = 2 if dtype == "bf16" else 4
     assert memory.held_bytes(captures, itemsize, prev_on_host) == (rec.held_bytes, rec.host_bytes)
+
+
+def test_the_readme_memory_table_is_the_computed_one():
+    from minidit.analysis import memory
+
+    assert memory.table() in (ROOT / "README.md").read_text(encoding="utf-8")

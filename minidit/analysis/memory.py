@@ -54,7 +54,7 @@ def held_bytes(captures: list[int], itemsize: int, prev_on_host: bool = False) -
 
 T5_XXL = 4_762_310_656
 SETTINGS = [
-    Setting("dit-xl-256", "256 x 256", 675_129_632, 28, 1152, {"img": 256}, 2),
+    Setting("dit-xl-256", "256 x 256", 749_826_464, 28, 1152, {"img": 256}, 2),
     Setting("pixart-1024", "1024 x 1024", 611_349_152, 28, 1152, {"img": 4096}, 2),
     Setting("sd3", "1024 x 1024", 2_028_328_000, 24, 1536, {"img": 4096, "txt": 333}, 2, text_in_last=False),
     Setting("flux-dev", "1024 x 1024", 11_901_408_320, 57, 3072, {"img": 4096, "txt": 512}, 1),
