@@ -175,7 +175,7 @@ def main() -> None:
     analysis_overhead(xl, "DiT-XL/2 width, 4 layers, 256x256", 2, 10, max(2, args.repeats // 2))
     peak_memory(args.steps)
     forward_vs_diffusers(xl_folder, args.repeats * 4)
-    latte_width(steps=4, repeats=max(2, args.repeats // 2))
+    latte_width(steps=4, repeats=max(3, args.repeats // 2))
 
 
 if __name__ == "__main__":
