@@ -359,7 +359,7 @@ def test_analyze_latte_end_to_end(tmp_path, monkeypatch):
     height, width, frames, guidance = G.PIPELINE_CASES["video"]
     argv = ["--model", "latte", "--weights", G.FOLDER, "--prompts", prompts, "--steps", G.PIPELINE_STEPS,
             "--height", height, "--width", width, "--seed", G.PIPELINE_SEED, "--device", "cpu",
-            "--cross-attention", "--save-latents", "--out", out]
+            "--cross-attention", "--save-latents", "--save-images", "--out", out]
     assert analyze.main([str(a) for a in argv]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["frames"], manifest["resolution"], manifest["guidance"]) == (frames, [height, width], guidance)
@@ -375,6 +375,15 @@ def test_analyze_latte_end_to_end(tmp_path, monkeypatch):
     latents = load_file(out / "latents" / "000000.safetensors")["latents"]
     assert torch.equal(latents, final_latents("video"))
     assert scaled_error(latents, stored()["pipeline/video/latents"]) <= PIPELINE_TOL
+    # --save-images: every frame decoded, an animated GIF, a PNG strip of 8 frames, the strip in the samples figure
+    from PIL import Image
+
+    video = recipe(height, width, frames).decode(latents)[0]  # (T, H, W, 3) uint8
+    gif = Image.open(out / "images" / "000000.gif")
+    assert (gif.n_frames, gif.size) == (frames, (width, height))
+    shown = np.linspace(0, frames - 1, 8).round().astype(int)
+    assert np.array_equal(np.asarray(Image.open(out / "images" / "000000.png")), np.concatenate(list(video[shown]), 1))
+    assert (out / "figures" / "samples.png").is_file()
 
 
 def test_analyze_latte_single_frame_without_guidance(tmp_path, monkeypatch):
