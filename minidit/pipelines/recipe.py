@@ -1,5 +1,6 @@
 """The recipe contract, `Recipe`: all that analyze.py, the analysis engine and the API ask of a model family's
-recipe (dit.py, pixart.py, sd3.py, flux.py: each has these members and inherits nothing); then what they share."""
+recipe (dit.py, pixart.py, sd3.py, flux.py, latte.py, cogvideox.py: each has these members and inherits
+nothing); then what they share."""
 
 from collections.abc import Callable, Iterable
 from pathlib import Path

@@ -14,10 +14,10 @@ Every operation is the reference's, in its order and dtypes, so results agree to
 import math
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 
 from minidit.errors import MiniditError
+from minidit.schedulers.ddim import spaced_timesteps
 
 
 @dataclass(frozen=True)
@@ -62,17 +62,6 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return root**2
 
 
-def timestep_spacing(cfg: CogVideoXDDIMConfig, num_steps: int) -> list[int]:
-    n = cfg.num_train_timesteps
-    if cfg.timestep_spacing == "leading":
-        ts = (np.arange(0, num_steps) * (n // num_steps)).round()[::-1].astype(np.int64) + cfg.steps_offset
-    elif cfg.timestep_spacing == "trailing":
-        ts = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
-    else:  # linspace
-        ts = np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
-    return [int(t) for t in ts]
-
-
 class CogVideoXDDIM:
     name = "ddim"
     init_noise_sigma = 1.0  # the initial noise is used as drawn
@@ -91,7 +80,7 @@ class CogVideoXDDIM:
             alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
         self.alphas_cumprod = alphas_cumprod
         self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else alphas_cumprod[0]
-        self.timesteps = timestep_spacing(cfg, num_steps)
+        self.timesteps = spaced_timesteps(cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset, num_steps)
 
     @property
     def sigmas(self) -> list[float]:

@@ -37,6 +37,20 @@ class DDIMConfig:
         return cfg
 
 
+def spaced_timesteps(num_train_timesteps: int, spacing: str, steps_offset: int, num_steps: int) -> list[int]:
+    """The `num_steps` timesteps of diffusers' "leading", "trailing" and "linspace" spacings, first to last."""
+    n = num_train_timesteps
+    if spacing == "leading":
+        ts = (np.arange(0, num_steps) * (n // num_steps)).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
+    else:
+        raise MiniditError(f"unknown timestep_spacing {spacing!r}")
+    return [int(t) for t in ts]
+
+
 class DDIM:
     name = "ddim"
 
@@ -51,21 +65,8 @@ class DDIM:
             betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float32) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
-        self.timesteps = self._spacing(cfg, num_steps)
+        self.timesteps = spaced_timesteps(cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset, num_steps)
         self.step_ratio = n // num_steps
-
-    @staticmethod
-    def _spacing(cfg: DDIMConfig, num_steps: int) -> list[int]:
-        n = cfg.num_train_timesteps
-        if cfg.timestep_spacing == "leading":
-            ts = (np.arange(0, num_steps) * (n // num_steps)).round()[::-1].astype(np.int64) + cfg.steps_offset
-        elif cfg.timestep_spacing == "trailing":
-            ts = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
-        elif cfg.timestep_spacing == "linspace":
-            ts = np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
-        else:
-            raise MiniditError(f"unknown timestep_spacing {cfg.timestep_spacing!r}")
-        return [int(t) for t in ts]
 
     @property
     def sigmas(self) -> list[float]:
