@@ -7,6 +7,8 @@ repeats, so that machine load affects both alike. Printed, never asserted.
 
 import argparse
 import contextlib
+import functools
+import os
 import subprocess
 import sys
 import tempfile
@@ -110,6 +112,7 @@ def latte_width(steps: int, repeats: int) -> None:
     256 pixels), batch 2 (guidance): minidit's forward against diffusers' LatteTransformer3DModel on identical
     weights, and a sampling loop of `steps` forwards with and without the recorder."""
     from minidit.analysis.recorder import Recorder
+    from minidit.attention import recording
     from minidit.models.latte import Latte, LatteConfig, load_latte
 
     torch.manual_seed(0)
@@ -147,17 +150,40 @@ def latte_width(steps: int, repeats: int) -> None:
             print(f"  forward: minidit {mine:7.3f} s, diffusers {theirs:7.3f} s, ratio {mine / theirs:.3f} x "
                   f"(max |diff| {err:.1e})")
 
-        def loop(record: bool) -> None:
+        class HoldOnly:  # keeps the previous step's K, V and A as the recorder does, and computes nothing
+            def capture(self, layer, tensor, x, token_dim, streams):
+                held[(layer, tensor)] = x
+
+        held = {}
+
+        def loop(mode: str) -> None:
             rec = Recorder(ours.attention_layers(), branches=("uncond", "cond"), num_steps=steps, device="cpu")
-            with rec.attach(ours) if record else contextlib.nullcontext():
+            context = {"plain": contextlib.nullcontext(), "hold": recording(HoldOnly()), "record": rec.attach(ours)}
+            with context[mode]:
                 for step in range(steps):
                     ours(x + 0.01 * step, t - 10 * step, text)
-            if record:
+            if mode == "record":
                 rec.finish()
+            held.clear()
 
-        plain, recorded = best_of(repeats, lambda: loop(False), lambda: loop(True))
-    print(f"  {steps} steps: plain {plain:7.3f} s, with the recorder {recorded:7.3f} s, "
-          f"ratio {recorded / plain:.3f} x")
+        plain, hold, recorded = best_of(repeats, *(functools.partial(loop, m) for m in ("plain", "hold", "record")))
+    print(f"  {steps} steps: plain {plain:7.3f} s, with the recorder {recorded:7.3f} s, ratio {recorded / plain:.3f} x"
+          f"; only holding the previous step's K, V, A: {hold / plain:.3f} x")
+
+
+STEADY_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(2**28)}
+
+
+def latte_in_subprocesses(repeats: int) -> None:
+    """latte_width in fresh processes, with glibc's default allocator (which returns each large block to the kernel
+    when it is freed, so the next one is a fresh mapping the kernel zeroes page by page) and with one that keeps
+    freed memory for reuse (STEADY_MALLOC), so the recorder's own cost shows apart from that churn."""
+    for label, env in (("default allocator", {}), ("allocator keeping freed memory: " +
+                                                   " ".join(f"{k}={v}" for k, v in STEADY_MALLOC.items()),
+                                                   STEADY_MALLOC)):
+        print(f"[{label}]", flush=True)
+        subprocess.run([sys.executable, "-u", __file__, "--latte-only", "--repeats", str(repeats)], cwd=ROOT,
+                       env={**os.environ, **env}, check=True)
 
 
 def main() -> None:
@@ -165,7 +191,11 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--latte-only", action="store_true", help="only Latte-1's width, in this process")
     args = p.parse_args()
+    if args.latte_only:
+        latte_width(steps=4, repeats=args.repeats)
+        return
     flux_tiny = minidit.load_backbone("flux-tiny")
     analysis_overhead(flux_tiny, "flux-tiny", args.prompts, flux_tiny.default_steps, 2 * args.repeats,
                       FLUX_TINY_PROMPTS)
@@ -175,7 +205,7 @@ def main() -> None:
     analysis_overhead(xl, "DiT-XL/2 width, 4 layers, 256x256", 2, 10, max(2, args.repeats // 2))
     peak_memory(args.steps)
     forward_vs_diffusers(xl_folder, args.repeats * 4)
-    latte_width(steps=4, repeats=max(3, args.repeats // 2))
+    latte_in_subprocesses(repeats=max(2, args.repeats // 2))
 
 
 if __name__ == "__main__":

@@ -83,15 +83,18 @@ def test_summary_equals_float64_recomputation(tiny_dit, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("prev_on_host", [False, True])
-def test_grouped_and_one_by_one_reduction_agree(tiny_dit, monkeypatch, dtype, prev_on_host):
+@pytest.mark.parametrize("chunk", [2**18, 100])
+def test_grouped_and_one_by_one_reduction_agree(tiny_dit, monkeypatch, dtype, prev_on_host, chunk):
     """Small captures are copied into the recorder's own group buffers and reduced at the step's end; large ones are
-    reduced on arrival, holding the model's tensors. Both paths give the same sums (float32 rounding apart),
+    reduced on arrival (on the CPU a chunk at a time: 100 elements per branch cuts each of these into several,
+    the last one shorter), holding the model's tensors. Both paths give the same sums (float32 rounding apart),
     and neither writes into a tensor the model still owns (the sampled latents stay the same)."""
     from minidit.analysis import recorder
 
     recipe = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit, dtype=dtype)
     latents, grouped = minidit.sample(recipe, "circle", steps=5, record=True, prev_on_host=prev_on_host)
     monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", 0)  # every capture is "large"
+    monkeypatch.setattr(recorder, "CPU_CHUNK", chunk)
     latents_one, one_by_one = minidit.sample(recipe, "circle", steps=5, record=True, prev_on_host=prev_on_host)
     assert torch.equal(latents, latents_one) and torch.equal(latents, minidit.sample(recipe, "circle", steps=5)[0])
     np.testing.assert_allclose(one_by_one, grouped, rtol=1e-5, atol=1e-6)
@@ -218,6 +221,7 @@ def test_prev_on_host_gives_the_same_sums(tiny_dit, monkeypatch, dtype):
     from minidit.analysis import recorder
 
     monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", 0)  # every capture takes the large-capture path
+    monkeypatch.setattr(recorder, "CPU_CHUNK", 100)  # in several chunks
     model = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit, dtype=dtype)
     layers, branches = model.attention_layers(), model.branches(model.default_guidance)
     results = {}
@@ -292,6 +296,7 @@ def test_memory_rules_equal_what_the_recorder_holds(model, dtype, large, prev_on
 
     if large:
         monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", 0)
+        monkeypatch.setattr(recorder, "CPU_CHUNK", 2000)  # flux-tiny: text captures in one chunk, image ones in 9
     r = minidit.load_backbone(model, dtype=dtype)
     branches = r.branches(r.default_guidance)
     rec = recorder.Recorder(r.attention_layers(), branches=branches, num_steps=3, device="cpu",
@@ -299,9 +304,10 @@ def test_memory_rules_equal_what_the_recorder_holds(model, dtype, large, prev_on
     with rec.attach(r.model):
         r.generate(r.default_prompts()[0], 0, r.make_scheduler(r.default_scheduler, 3), r.default_guidance)
     rec.finish()
-    captures = [int(n) * len(branches) for n in rec.n.flatten() if n > 0]
+    captures = [int(n) for n in rec.n.flatten() if n > 0]
     itemsize = 2 if dtype == "bf16" else 4
-    assert memory.held_bytes(captures, itemsize, prev_on_host) == (rec.held_bytes, rec.host_bytes)
+    assert memory.held_bytes(captures, len(branches), itemsize, prev_on_host, cpu=True) == (rec.held_bytes,
+                                                                                           rec.host_bytes)
 
 
 def test_the_readme_memory_table_is_the_computed_one():

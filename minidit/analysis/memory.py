@@ -4,7 +4,8 @@
 
 The recorder (recorder.py) holds, for every capture (a layer's K, V or A, one stream of it), the previous step
 until the next one arrives: captures under `GROUP_BELOW_BYTES` as two float32 buffers of their own, larger ones
-as the model's own tensor (in the model's dtype) plus one float32 work buffer per capture size. With
+as the model's own tensor (in the model's dtype) plus one float32 work buffer per capture size (on the CPU, per
+chunk size: it reduces large captures in cache-sized chunks). With
 `prev_on_host` the large ones move to pinned host buffers, and the accelerator keeps two staging buffers per
 capture size. `held_bytes` applies these rules to a list of capture sizes; tests/test_analysis.py checks it
 against what a recorder reports for real runs.
@@ -32,24 +33,28 @@ class Setting:
     text_in_last: bool = True  # SD3's last block has no text output: no A of the text stream there
 
     def captures(self) -> list[int]:
-        """Elements per capture (all branches), in the order a step captures them."""
-        per_layer = [self.branches * tokens * self.width for tokens in self.tokens.values() for _ in "KVA"]
+        """Elements per capture and branch, in the order a step captures them."""
+        per_layer = [tokens * self.width for tokens in self.tokens.values() for _ in "KVA"]
         sizes = per_layer * self.layers
         if not self.text_in_last:
-            sizes.remove(self.branches * self.tokens["txt"] * self.width)
+            sizes.remove(self.tokens["txt"] * self.width)
         return sizes
 
 
-def held_bytes(captures: list[int], itemsize: int, prev_on_host: bool = False) -> tuple[int, int]:
-    """(accelerator bytes, host bytes) the recorder holds for captures of these sizes (elements, all branches)
-    in a model dtype of `itemsize` bytes, not counting the float32 sums (a few numbers per capture and step)."""
-    small = [n for n in captures if n * itemsize < recorder.GROUP_BELOW_BYTES]
-    large = [n for n in captures if n * itemsize >= recorder.GROUP_BELOW_BYTES]
-    device = sum(2 * 4 * n for n in small)  # two float32 buffers, one per step parity
-    device += sum(4 * n for n in set(large))  # the float32 work buffer of each capture size
-    if prev_on_host:
-        return device + sum(2 * itemsize * n for n in set(large)), sum(itemsize * n for n in large)
-    return device + sum(itemsize * n for n in large), 0
+def held_bytes(captures: list[int], branches: int, itemsize: int, prev_on_host: bool = False,
+               cpu: bool = False) -> tuple[int, int]:
+    """(device bytes, host bytes) the recorder holds for captures of these sizes (elements per branch) in a model
+    dtype of `itemsize` bytes on an accelerator (or, `cpu`, on the CPU, where its work buffers are chunk-sized),
+    not counting the float32 sums (a few numbers per capture and step)."""
+    small = [n for n in captures if branches * n * itemsize < recorder.GROUP_BELOW_BYTES]
+    large = [n for n in captures if branches * n * itemsize >= recorder.GROUP_BELOW_BYTES]
+    device = sum(2 * 4 * branches * n for n in small)  # two float32 buffers, one per step parity
+    work = {min(n, recorder.CPU_CHUNK) if cpu else n for n in large}
+    device += sum(4 * branches * n for n in work)  # the float32 work buffer of each size
+    held = sum(itemsize * branches * n for n in large)  # the previous step of every large capture
+    if prev_on_host:  # on the host; the device stages two of each size
+        return device + sum(2 * itemsize * branches * n for n in set(large)), held
+    return device + held, 0
 
 
 T5_XXL = 4_762_310_656
@@ -73,8 +78,8 @@ def table(itemsize: int = 2) -> str:
             "|---|---|---|---|---|---|---|"]
     for s in SETTINGS:
         captures = s.captures()
-        device, _ = held_bytes(captures, itemsize)
-        staging, host = held_bytes(captures, itemsize, prev_on_host=True)
+        device, _ = held_bytes(captures, s.branches, itemsize)
+        staging, host = held_bytes(captures, s.branches, itemsize, prev_on_host=True)
         text = TEXT_ENCODER.get(s.model, T5_XXL)
         rows.append(f"| {s.model} | {s.size} | {s.params * itemsize / GB:.1f} GB | "
                     f"{text * itemsize / GB:.1f} GB | {device / GB:.1f} GB | {staging / GB:.2f} GB | "
