@@ -296,7 +296,8 @@ def test_recipe_defaults_and_layers(variant):
     assert r.frames == 9 and r.resolution == (64, 96)  # the config's sample_frames and sample size x 8
     assert r.schedulers == ("ddim",) and r.default_scheduler == "ddim" and not r.decodes
     assert r.branches(6.0) == ("uncond", "cond") and r.branches(1.0) == ("cond",)
-    assert recipe(variant, 48, 64, 5).manifest_fields() == {"resolution": [48, 64], "frames": 5}
+    assert recipe(variant, 48, 64, 5).manifest_fields() == {"resolution": [48, 64], "frames": 5,
+                                                            "max_sequence_length": 226, "dynamic_cfg": False}
     layers = r.attention_layers()
     assert len(layers) == LAYERS[variant] and all(layer.kind == "joint" for layer in layers)
     assert r.make_scheduler("ddim", 50).cfg.snr_shift_scale == G.SNR_SHIFT_SCALE[variant]
@@ -380,3 +381,20 @@ def test_analyze_save_images_fails_cleanly(tmp, capsys):
     assert code == 2 and err[-1].startswith("error: ") and "Traceback" not in "".join(err)
     assert "3D VAE" in err[-1] and "--save-latents" in err[-1]
     assert not (tmp / "images").exists()  # refused before anything was loaded or sampled
+
+
+@pytest.mark.parametrize(("flag", "field"), [(["--dynamic-cfg"], "dynamic_cfg"),
+                                             (["--max-sequence-length", "200"], "max_sequence_length")])
+def test_resume_with_other_text_or_guidance_settings_is_refused(flag, field, tmp, capsys):
+    """dynamic_cfg and the T5 length change the samples, so they are part of a run's identity: a --resume that
+    changes them is refused, naming the field, and leaves the run as it was."""
+    code, out = analysis("5b", tmp)
+    assert code == 0 and json.loads((out / "manifest.json").read_text())[field] in (False, 226)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    code = analyze.main(["--model", "cogvideox-5b", "--weights", str(G.FOLDERS["5b"]), "--steps",
+                         str(G.PIPELINE_STEPS), "--frames", "5", "--prompts", str(tmp / "prompts-5b.txt"),
+                         "--device", "cpu", "--save-latents", "--out", str(out), "--resume", *flag])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"different {field}" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

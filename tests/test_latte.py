@@ -303,9 +303,9 @@ def test_defaults():
     r = recipe()
     assert (r.resolution, r.frames, r.max_sequence_length) == ((512, 512), 16, 120)
     assert (r.default_steps, r.default_guidance, r.default_scheduler) == (50, 7.5, "ddim")
-    assert r.manifest_fields() == {"resolution": [512, 512], "frames": 16}
+    assert r.manifest_fields() == {"resolution": [512, 512], "frames": 16, "max_sequence_length": 120}
     assert r.make_scheduler("ddim", 50).timesteps[:3] == [980, 960, 940]
-    assert recipe(48, 80, 1).manifest_fields() == {"resolution": [48, 80], "frames": 1}
+    assert recipe(48, 80, 1).manifest_fields() == {"resolution": [48, 80], "frames": 1, "max_sequence_length": 120}
 
 
 @pytest.mark.parametrize("options, match", [({"frames": 8}, "--frames must be 16 .* or 1"),

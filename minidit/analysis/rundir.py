@@ -27,7 +27,8 @@ from minidit.errors import MiniditError
 
 # The manifest keys that must agree for a resumed run to continue the same measurement.
 IDENTITY_KEYS = ("model", "weights", "revision", "dtype", "steps", "scheduler", "timesteps", "guidance",
-                 "resolution", "frames", "seed", "prompts_sha256", "layers", "streams", "branches", "convention")
+                 "resolution", "frames", "seed", "prompts_sha256", "layers", "streams", "branches", "convention",
+                 "max_sequence_length", "dynamic_cfg")
 
 
 class RunDir:

@@ -132,7 +132,8 @@ class CogVideoXRecipe:
         return self.model.attention_layers()
 
     def manifest_fields(self) -> dict:
-        return {"resolution": list(self.resolution), "frames": self.frames}
+        return {"resolution": list(self.resolution), "frames": self.frames,
+                "max_sequence_length": self.max_sequence_length, "dynamic_cfg": self.dynamic_cfg}
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, scheduler: CogVideoXDDIM, guidance: float) -> torch.Tensor:

@@ -186,7 +186,7 @@ class FluxRecipe:
         return self.model.attention_layers()
 
     def manifest_fields(self) -> dict:
-        return {"resolution": list(self.resolution), "frames": None}
+        return {"resolution": list(self.resolution), "frames": None, "max_sequence_length": self.max_sequence_length}
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, scheduler: FlowMatchEuler, guidance: float) -> torch.Tensor:

@@ -119,7 +119,8 @@ class LatteRecipe:
         return self.model.attention_layers(cross=self.cross_attention)
 
     def manifest_fields(self) -> dict:
-        return {"resolution": list(self.resolution), "frames": self.frames}
+        return {"resolution": list(self.resolution), "frames": self.frames,
+                "max_sequence_length": self.max_sequence_length}
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, scheduler: DDIM, guidance: float) -> torch.Tensor:

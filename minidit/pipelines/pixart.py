@@ -127,7 +127,7 @@ class PixArtRecipe:
         return self.model.attention_layers(cross=self.cross_attention)
 
     def manifest_fields(self) -> dict:
-        return {"resolution": list(self.resolution), "frames": None}
+        return {"resolution": list(self.resolution), "frames": None, "max_sequence_length": self.max_sequence_length}
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, scheduler: DPMSolver | DDIM, guidance: float) -> torch.Tensor:

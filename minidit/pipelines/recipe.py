@@ -43,7 +43,8 @@ class Recipe(Protocol):
     def make_scheduler(self, name: str, steps: int) -> Scheduler: ...
     def branches(self, guidance: float) -> tuple[str, ...]: ...  # the batch's halves in order ("cond" alone)
     def attention_layers(self) -> list[AttentionLayer]: ...  # the recorded layers, in the model's order
-    def manifest_fields(self) -> dict: ...  # manifest.json's "resolution", "frames" (None: images), DiT's "convention"
+    def manifest_fields(self) -> dict: ...  # manifest.json's "resolution", "frames" (None: images), and what else the
+    # samples depend on: DiT's "convention", the T5 length "max_sequence_length", CogVideoX's "dynamic_cfg"
     def prepare(self, prompts: list[str]) -> None: ...  # before a run's prompts: e.g. encode them, free the encoders
     def generate(self, prompt: str, seed: int, scheduler: Scheduler, guidance: float) -> torch.Tensor: ...  # latents
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...  # uint8 images (B, H, W, 3), videos (B, T, H, W, 3)
