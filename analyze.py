@@ -3,6 +3,8 @@
     python analyze.py                                   # the embedded flux-tiny on the CPU, under a minute
     python analyze.py --steps 14 --scheduler sd3        # the study's scheduler ablation, in miniature
     python analyze.py --model flux-dev --device cuda    # FLUX.1 [dev] itself (a Hub download)
+    python analyze.py --model latte --device cuda --save-images   # Latte-1: 16 frames, GIFs and frame strips
+    python analyze.py --model cogvideox --device cuda --prev-on-host --save-latents   # CogVideoX-5b, 49 frames
     python analyze.py --model dit-tiny --steps 20 --out runs/tiny-20
     python analyze.py --compare runs/flux-tiny-flux-28steps runs/flux-tiny-sd3-14steps --out runs/ablation
     python analyze.py --aggregate runs/flux-tiny-flux-28steps   # rebuild tables and figures from the records
