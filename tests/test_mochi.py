@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SOURCES, assert_matches, reference_generator, scaled_error
+from conftest import LIVE, SOURCES, assert_matches, reference_generator, scaled_error
 from safetensors.torch import load_file
 from test_capture_points import KeepAll
 
@@ -79,6 +79,30 @@ def test_padding_is_ignored():
     assert torch.equal(forward(model(), noisy), forward(model(), inputs))
     unmasked = dict(inputs, mask=torch.ones_like(inputs["mask"]))
     assert scaled_error(forward(model(), unmasked), forward(model(), inputs)) > 1e-3
+
+
+def test_text_tokens_are_a_set():
+    """Text tokens have no positions: a mask with holes gives what the valid tokens moved to the front give (the
+    official code's behaviour; diffusers misplaces the text outputs then, see the model's header)."""
+    inputs = case_inputs("3-frames")
+    holes = inputs["mask"].clone()
+    holes[0] = torch.tensor([1, 1, 0, 1, 1, 0, 0, 1])
+    order = torch.tensor([0, 1, 3, 4, 7, 2, 5, 6])  # the valid tokens first
+    packed = dict(inputs, text=inputs["text"].clone(), mask=holes.clone())
+    packed["text"][0], packed["mask"][0] = inputs["text"][0, order], holes[0, order]
+    assert scaled_error(forward(model(), dict(inputs, mask=holes)), forward(model(), packed)) < 1e-5
+
+
+@pytest.mark.parametrize("source", [pytest.param("live", marks=LIVE)])
+def test_bfloat16_matches_reference(source):
+    """In bf16 too, minidit equals diffusers bit for bit (both models loaded in bf16 from the fp32 files)."""
+    reference = G.tools.quiet_diffusers().MochiTransformer3DModel.from_pretrained(
+        G.TRANSFORMER, torch_dtype=torch.bfloat16).eval()
+    m = load_mochi(G.TRANSFORMER, dtype=torch.bfloat16)
+    for case in G.MODEL_CASES:
+        inputs = case_inputs(case)
+        inputs = dict(inputs, x=inputs["x"].bfloat16(), text=inputs["text"].bfloat16())
+        assert_matches(forward(m, inputs), G.reference_forward(reference, inputs), source, 0.0, case)
 
 
 def test_explicit_attention_matches_fused():

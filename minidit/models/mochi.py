@@ -1,7 +1,7 @@
 """Mochi 1 preview: a text-to-video diffusion transformer with two streams of different widths in one attention.
 
-Paper: Genmo, "Mochi 1" (technical report, https://www.genmo.ai/blog); official code: genmoai/mochi
-(`src/genmo/mochi_preview/dit/joint_model/asymm_models_joint.py`, "AsymmDiT"). Checkpoint: `genmo/mochi-1-preview`,
+No paper: the model card https://huggingface.co/genmo/mochi-1-preview, and the official code genmoai/mochi
+(`src/genmo/mochi_preview/dit/joint_model/asymm_models_joint.py`, "AsymmDiTJoint"). Checkpoint: `genmo/mochi-1-preview`,
 `transformer/` in the diffusers layout (fp32 shards plus the index, and a bf16 variant), which is this module's
 attribute names: 1071 tensors, 10,027,677,744 parameters, 48 blocks of 24 heads x 128. The genmo single file
 `dit.safetensors` (its own key names, fused qkv, swapped SwiGLU and final-layer halves; checkpoints.md §8.5) is not
@@ -16,7 +16,9 @@ The model sees 2x2 patches of every latent frame (no temporal patching) and T5 t
   the attention and the SwiGLU FFN, and a tanh-gated RMSNorm of their outputs on the residual ("sandwich" norms):
       x = x + RMSNorm(attn(RMSNorm(x) (1 + scale_msa))) tanh(gate_msa)
   one attention over [visual; text] (visual first) with separate projections per stream, per-stream RMS QK-norm,
-  and a learned RoPE on the visual tokens; padded text tokens are removed from the keys, and their outputs are 0;
+  and a learned RoPE on the visual tokens; padded text tokens are removed from the keys, and their outputs are 0
+  (NOTE(official): diffusers packs the valid text tokens' outputs to the front of the text stream, which equals this
+  for T5's right padding, the only mask the pipeline makes; with holes in the mask it misplaces them, genmo does not);
 - the last block does not update the text (context_pre_only): its text stream only feeds the attention's K and V;
 - output: norm_out (LayerNorm, scale then shift), proj_out to 2x2x12 values per token.
 RoPE: each head has its own learned frequencies per axis (`pos_frequencies`, (3, Nh, Dh/2)); a visual token's angle
@@ -269,15 +271,18 @@ class JointAttention(nn.Module):
         k = torch.cat([apply_rope(self.norm_k(heads(self.to_k(x))), *rope),
                        self.norm_added_k(heads(self.add_k_proj(c)))], dim=2)
         v = torch.cat([heads(self.to_v(x)), heads(self.add_v_proj(c))], dim=2)
-        # padded text tokens are no keys; their own outputs are 0 (diffusers drops them, then pads with zeros)
-        keep = torch.cat([mask.new_ones(x.shape[:2]), mask], dim=1)[:, None, None, :]  # (B, 1, 1, L + Lt)
+        # padded text tokens are no keys, and their own outputs are 0 (the official code drops them, then scatters
+        # the outputs back into zeros)
+        keep = torch.cat([mask.new_ones(x.shape[:2]), mask], dim=1)  # (B, L + Lt)
         streams = (("img", x.shape[1]), ("txt", c.shape[1]))
-        out = attention(q, k, v, mask=keep, layer=self.layer, streams=streams)  # (B, L + Lt, D)
+        out = attention(q, k, v, mask=keep[:, None, None, :], layer=self.layer, streams=streams)  # (B, L + Lt, D)
+        out = out.masked_fill(~keep[:, :, None], 0.0)
+        # NOTE: the projections read slices of `out`; in bf16 a CPU linear on a strided slice rounds differently from
+        # one on a contiguous copy, and diffusers projects slices
         out_x, out_c = out.split([x.shape[1], c.shape[1]], dim=1)
         a_x = attention_output(self.to_out[0](out_x), layer=self.layer, streams="img")
         if self.to_add_out is None:  # the last block: the text result is not used
             return a_x, None
-        out_c = out_c.masked_fill(~mask[:, :, None], 0.0)
         return a_x, attention_output(self.to_add_out(out_c), layer=self.layer, streams="txt")
 
 
