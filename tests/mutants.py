@@ -38,6 +38,7 @@ def edit(file: str, old: str, new: str) -> tuple[str, str, str]:
 
 DIT, PIXART, SD3, FLUX = "minidit/models/dit.py", "minidit/models/pixart.py", "minidit/models/sd3.py", \
     "minidit/models/flux.py"
+MOCHI = "minidit/models/mochi.py"
 CAPTURES = "tests/test_capture_points.py"
 FLUX_PIPELINE = "minidit/pipelines/flux.py"
 
@@ -272,6 +273,39 @@ MUTANTS = [
         edit("minidit/pipelines/cogvideox.py", "dynamic_guidance(guidance, t, steps)",
              "dynamic_guidance(guidance, scheduler.timesteps.index(t), steps)"),),
         ("tests/test_cogvideox.py",)),
+    # ---- Mochi (tests/test_mochi.py)
+    Mutant("mochi-qk-norm-eps", "Mochi per-head q/k RMSNorm eps 1e-6 (the blocks' eps), not 1e-5", (
+        edit(MOCHI, "QK_NORM_EPS = 1e-5", "QK_NORM_EPS = 1e-6"),), ("tests/test_mochi.py",)),
+    Mutant("mochi-norm-eps", "Mochi block RMSNorms and final LayerNorm with eps 1e-5, not 1e-6", (
+        edit(MOCHI, "NORM_EPS = 1e-6", "NORM_EPS = 1e-5"),), ("tests/test_mochi.py",)),
+    Mutant("mochi-gate-without-tanh", "Mochi residual gates used raw instead of through tanh", (
+        edit(MOCHI, "torch.tanh(gate)[:, None]", "gate[:, None]"),), ("tests/test_mochi.py",)),
+    Mutant("mochi-final-shift-scale", "Mochi norm_out read as (shift, scale), genmo's order, not diffusers' (scale, "
+           "shift)", (
+        edit(MOCHI, "        scale, shift = self.linear(F.silu(emb)).chunk(2, dim=1)",
+             "        shift, scale = self.linear(F.silu(emb)).chunk(2, dim=1)"),), ("tests/test_mochi.py",)),
+    Mutant("mochi-swiglu-halves", "Mochi SwiGLU gate read from the first half (genmo's w1 layout)", (
+        edit(MOCHI, "h, gate = self.proj(x).chunk(2, dim=-1)", "gate, h = self.proj(x).chunk(2, dim=-1)"),),
+        ("tests/test_mochi.py",)),
+    Mutant("mochi-rope-not-centred", "Mochi RoPE grid from 0 instead of centred on 0", (
+        edit(MOCHI, "edges = torch.linspace(-n * scale / 2, n * scale / 2,", "edges = torch.linspace(0, n * scale,"),),
+        ("tests/test_mochi.py",)),
+    Mutant("mochi-rope-axes-swapped", "Mochi RoPE positions with the frame and column axes swapped", (
+        edit(MOCHI, "grid = torch.meshgrid(t, centres(h), centres(w), indexing=\"ij\")",
+             "grid = torch.meshgrid(t, centres(h), centres(w), indexing=\"ij\")[::-1]"),), ("tests/test_mochi.py",)),
+    Mutant("mochi-mask-ignored", "Mochi padded text tokens left in the keys", (
+        edit(MOCHI, "out = attention(q, k, v, mask=keep[:, None, None, :],", "out = attention(q, k, v, mask=None,"),),
+        ("tests/test_mochi.py",)),
+    Mutant("mochi-pool-unmasked-mean", "Mochi attention pooling query from the mean over padding too", (
+        edit(MOCHI, "weight = mask[:, :, None].to(text.dtype)", "weight = torch.ones_like(text[:, :, :1])"),),
+        ("tests/test_mochi.py",)),
+    Mutant("mochi-streams-swapped", "Mochi K/V labelled [txt; img] while the tokens are [img; txt]", (
+        edit(MOCHI, 'streams = (("img", x.shape[1]), ("txt", c.shape[1]))',
+             'streams = (("txt", c.shape[1]), ("img", x.shape[1]))'),), ("tests/test_mochi.py",)),
+    Mutant("mochi-A-before-to_out", "Mochi visual A taken before the output projection", (
+        edit(MOCHI, 'a_x = attention_output(self.to_out[0](out_x), layer=self.layer, streams="img")',
+             'a_x = self.to_out[0](attention_output(out_x, layer=self.layer, streams="img"))'),),
+        ("tests/test_mochi.py",)),
 ]
 
 
