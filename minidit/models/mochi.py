@@ -25,6 +25,11 @@ RoPE: each head has its own learned frequencies per axis (`pos_frequencies`, (3,
 for channel pair f of head n is sum over axes a of pos_a * freq[a, n, f], with positions t = frame index and (h, w)
 the cell centres of a grid rescaled to the area of 192 x 192 cells and centred on 0.
 
+Capture points (one joint layer per block, `transformer_blocks.{i}.attn1`): K and V over [visual; text] after the
+projection, head split, RMS QK-norm and (visual) RoPE, all Lt text tokens included (padded ones are masked out of the
+attention, not out of the record); A after each stream's output projection (to_out.0, to_add_out; a padded text
+token's A is to_add_out's bias); the last block has no text A.
+
 Shapes: x (B, C, T, H, W) latents, as diffusers' pipeline keeps them; L = T (H/2)(W/2) visual tokens of width
 D = Nh * Dh; text (B, Lt, 4096), Lt = 256, text mask (B, Lt) 1 = token, 0 = padding; emb (B, D).
 """
