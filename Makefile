@@ -52,6 +52,7 @@ fixtures:  # regenerate tests/fixtures from the reference implementations (needs
 	$(PYTHON) tests/reference/generate_captures.py  # after generate, generate_pixart, generate_mmdit: reads their weights
 	$(PYTHON) tests/reference/generate_latte.py  # after generate_pixart and t5: reuses their writers and tiny T5
 	$(PYTHON) tests/reference/generate_cogvideox.py  # after t5: reuses the tiny T5 and tokenizer
+	$(PYTHON) tests/reference/generate_mochi.py
 
 train-tiny:  # retrain an embedded model, weights/$(MODEL): flux-tiny (28 min + 1.5 to export and measure) or dit-tiny (25)
 	$(PYTHON) -m minidit.train_tiny --model $(MODEL)
