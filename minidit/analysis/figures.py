@@ -437,8 +437,9 @@ def sample_grid(images: list[np.ndarray], labels: list[str], out_path: str | Pat
     scaled = [np.repeat(np.repeat(im, f, 0), f, 1)
               for im in images for f in [max(1, math.ceil(SAMPLE_CELL_PX / min(im.shape[:2])))]]
     cell_h, cell_w = max(im.shape[0] for im in scaled), max(im.shape[1] for im in scaled)
-    rows, cols, _ = grid_layout([len(images)])
-    if columns is not None:
+    if columns is None:
+        rows, cols, _ = grid_layout([len(images)])
+    else:
         cols = min(columns, len(images))
         rows = math.ceil(len(images) / cols)
     pad, label_h = 8, 40  # pixels

@@ -311,6 +311,7 @@ class HostPrevious:
         self.buffers: dict[Key, torch.Tensor] = {}  # the host buffers, one per capture
         self.written: dict[Key, torch.cuda.Event | None] = {}  # when each host buffer's last write is done
         self.order: list[Key] = []  # the captures in the order of the first step
+        self.position: dict[Key, int] = {}  # each capture's place in that order
         self.slots: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype) -> two device staging buffers
         self.slot_free: dict[int, torch.cuda.Event | None] = {}  # staging buffer (data_ptr) -> when its reader ends
         self.turn: dict[tuple, int] = {}  # (shape, dtype) -> the staging buffer to use next
@@ -335,6 +336,7 @@ class HostPrevious:
         host = self.buffers.get(key)
         if host is None:
             host = self.buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.to_host is not None)
+            self.position[key] = len(self.order)
             self.order.append(key)
         if self.to_host is not None:  # the copy starts after the work queued so far (x's values, the reduction)
             self.to_host.wait_stream(torch.cuda.current_stream(self.device))
@@ -345,7 +347,7 @@ class HostPrevious:
             x.record_stream(self.to_host)  # the allocator must not reuse x's memory before the copy is done
         if step == 0:
             return
-        following = self.order[(self.order.index(key) + 1) % len(self.order)]
+        following = self.order[(self.position[key] + 1) % len(self.order)]
         if following != key and not (last_step and following == self.order[0]):
             self.staged[following] = self._stage(following, side=True)
 

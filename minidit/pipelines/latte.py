@@ -93,9 +93,8 @@ class LatteRecipe:
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 states (1, Lt, 4096) in the backbone's dtype and the attention mask (1, Lt), Lt = max_sequence_length."""
-        ids, mask = self.tokenizer([text.lower().strip()], self.max_sequence_length)
-        states = self.text_encoder(ids.to(self.device), mask.to(self.device))
-        return states.to(self.dtype), mask.to(self.device)
+        return recipe.t5_with_mask(self.tokenizer, self.text_encoder, text, self.max_sequence_length, self.dtype,
+                                   self.device)
 
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         return recipe.from_cache(self.embeddings, text, self.device, self._encode, self.text_encoder is None)

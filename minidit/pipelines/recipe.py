@@ -109,6 +109,16 @@ Encoding = tuple[torch.Tensor, ...]  # a prompt's text tensors, e.g. T5 states a
 Predict = Callable[[torch.Tensor, float], torch.Tensor]  # the backbone's output for latents x at scheduler time t
 
 
+def t5_with_mask(tokenizer, text_encoder, text: str, length: int, dtype: torch.dtype,
+                 device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """PixArt's and Latte's T5 input: the text lower-cased and stripped (what their pipelines' clean_caption does
+    without bs4 and ftfy), `length` tokens run with the attention mask. T5 states (1, Lt, 4096) in `dtype`, and the
+    mask (1, Lt)."""
+    ids, mask = tokenizer([text.lower().strip()], length)
+    states = text_encoder(ids.to(device), mask.to(device))
+    return states.to(dtype), mask.to(device)
+
+
 def encode_once(cache: dict[str, Encoding], texts: Iterable[str], encode: Callable[[str], Encoding],
                 desc: str) -> None:
     """Encode every text not yet in `cache` (a progress bar when there are several) and keep it on the host, so
