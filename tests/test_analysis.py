@@ -213,26 +213,41 @@ def test_recorder_counts_steps_and_needs_two(tiny_dit):
         recorder.finish()
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_prev_on_host_gives_the_same_sums(tiny_dit, monkeypatch, dtype):
+# (model, its tiny weights folder, options, prompt, recorded layers, the CPU chunk: a few chunks per capture): an
+# image model, and video models whose captures fold frames into the batch (Latte's spatial and temporal layers) or
+# join text and video (CogVideoX)
+PREV_ON_HOST_CASES = {
+    "dit-tiny": ("dit-tiny", None, {}, "square", 2, 100),
+    "latte": ("latte", ROOT / "tests" / "fixtures" / "latte" / "Latte-1", {"height": 64, "width": 64}, "a cat", 56,
+              1000),
+    "cogvideox": ("cogvideox-5b", ROOT / "tests" / "fixtures" / "cogvideox" / "CogVideoX-5b",
+                  {"height": 48, "width": 64, "frames": 9}, "a cat", 42, 1000),
+}
+
+
+@pytest.mark.parametrize(("case", "dtype"), [("dit-tiny", "fp32"), ("dit-tiny", "bf16"), ("latte", "bf16"),
+                                             ("cogvideox", "fp32")])
+def test_prev_on_host_gives_the_same_sums(tiny_dit, monkeypatch, dtype, case):
     """--prev-on-host keeps the previous step of every large capture in a host buffer, staged back into two device
     buffers per capture shape one capture ahead (recorder.HostPrevious): the sums are those of the default, which
     holds the model's own tensors, to the bit; the device holds the staging buffers only."""
     from minidit.analysis import recorder
 
+    name, folder, options, prompt, num_layers, chunk = PREV_ON_HOST_CASES[case]
     monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", 0)  # every capture takes the large-capture path
-    monkeypatch.setattr(recorder, "CPU_CHUNK", 100)  # in several chunks
-    model = minidit.load_backbone("dit-tiny", weights_dir=tiny_dit, dtype=dtype)
+    monkeypatch.setattr(recorder, "CPU_CHUNK", chunk)  # in several chunks
+    model = minidit.load_backbone(name, weights_dir=folder or tiny_dit, dtype=dtype, **options)
     layers, branches = model.attention_layers(), model.branches(model.default_guidance)
     results = {}
     for on_host in (False, True):
         rec = recorder.Recorder(layers, branches=branches, num_steps=4, device="cpu", prev_on_host=on_host)
         with rec.attach(model.model):
-            model.generate("square", 0, model.make_scheduler("ddim", 4), model.default_guidance)
+            model.generate(prompt, 0, model.make_scheduler("ddim", 4), model.default_guidance)
         results[on_host] = rec.finish(), rec.held_bytes, rec.host_bytes
     (on_device, device_held, no_host), (on_host, staging, host) = results[False], results[True]
     np.testing.assert_array_equal(on_device, on_host)
-    assert on_device.shape == (2, 1, 2, 3, 3, 7)  # layer, stream, branch, tensor, transition, sums
+    assert on_device.shape[:5] == (num_layers, len(on_device[0]), 2, 3, 3)  # layer, stream, branch, tensor, step
+    assert np.all(on_device[..., 0] > 0)  # every layer, stream, branch, tensor and step was reduced
     assert no_host == 0 and 0 < host < device_held  # the previous steps moved to the host (the work buffers stay)
     assert 0 < staging < device_held  # two staging buffers per capture shape instead of every capture
 
