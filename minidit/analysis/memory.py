@@ -30,14 +30,18 @@ class Setting:
     width: int  # D: every captured token has D values
     tokens: dict[str, int]  # stream -> tokens per batch element that a layer's K, V and A carry
     branches: int  # guidance halves in the batch
-    text_in_last: bool = True  # SD3's last block has no text output: no A of the text stream there
+    text_in_last: bool = True  # SD3's and Mochi's last block has no text output: no A of the text stream there
+    text_width: int | None = None  # Mochi: the text stream's own width, its A's (its K and V have `width`)
 
     def captures(self) -> list[int]:
         """Elements per capture and branch, in the order a step captures them."""
-        per_layer = [tokens * self.width for tokens in self.tokens.values() for _ in "KVA"]
+        def width(stream: str, tensor: str) -> int:
+            return self.text_width if stream == "txt" and tensor == "A" and self.text_width else self.width
+
+        per_layer = [tokens * width(stream, tensor) for stream, tokens in self.tokens.items() for tensor in "KVA"]
         sizes = per_layer * self.layers
         if not self.text_in_last:
-            sizes.remove(self.tokens["txt"] * self.width)
+            sizes.remove(self.tokens["txt"] * width("txt", "A"))
         return sizes
 
 
@@ -67,6 +71,17 @@ SETTINGS = [
     Setting("latte", "16 x 512 x 512", 1_057_246_880, 56, 1152, {"img": 16 * 1024}, 2),
     Setting("cogvideox-2b", "49 x 480 x 720", 1_693_783_872, 30, 1920, {"img": 13 * 1350, "txt": 226}, 2),
     Setting("cogvideox-5b", "49 x 480 x 720", 5_570_283_072, 42, 3072, {"img": 13 * 1350, "txt": 226}, 2),
+    # Open-Sora 1.2: 17 frames -> 5 latent frames, 8x VAE, 2x2 patches (53 latent columns padded to 54); spatial and
+    # temporal layers see every video token. Its default (the v1.2.0 sample config), then its longest: 16 s at 720p
+    # (the README of v1.2.0). The backbone's size counts the null caption, a 1.2 M-value buffer.
+    Setting("opensora", "51 x 240 x 426", 1_208_872_772, 56, 1152, {"img": 15 * 15 * 27}, 2),
+    Setting("opensora", "408 x 720 x 1280", 1_208_872_772, 56, 1152, {"img": 120 * 45 * 80}, 2),
+    # Mochi: 6 frames -> 1 latent frame (+1), 8x VAE, 2x2 patches: 1,590 tokens a latent frame at 480 x 848; T5 pads
+    # to 256 tokens, all of them in K and V. Its default (MochiPipeline's 19 frames), then its longest, 163 frames.
+    Setting("mochi", "19 x 480 x 848", 10_027_677_744, 48, 3072, {"img": 4 * 1590, "txt": 256}, 2,
+            text_in_last=False, text_width=1536),
+    Setting("mochi", "163 x 480 x 848", 10_027_677_744, 48, 3072, {"img": 28 * 1590, "txt": 256}, 2,
+            text_in_last=False, text_width=1536),
 ]
 TEXT_ENCODER = {"dit-xl-256": 0, "flux-dev": T5_XXL + 123_060_480, "sd3": T5_XXL + 123_650_304 + 694_659_840}
 
