@@ -21,20 +21,50 @@ from minidit.pipelines.recipe import Recipe
 def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revision: str | None = None,
                     download_dir: str | Path | None = None) -> Path:
     """The folder holding `spec`'s files: --weights, the embedded copy, or a Hub download (into the user's Hub
-    cache, or into `download_dir/<repo name>`)."""
+    cache, or into `download_dir/<repo name>`). A model assembled from several repositories (`spec.parts`) gets a
+    folder with one sub-folder per repository; `revision` is that of the model's own repository."""
     if weights_dir is not None:
         folder = Path(weights_dir)
         if not folder.is_dir():
-            example = f"made by `hf download {spec.repo}`" if spec.repo else f"as {spec.embedded} is"
             raise MiniditError(f"--weights {folder} does not exist: pass a folder in the Hub layout of "
-                               f"{spec.repo or spec.name} (e.g. {example})")
+                               f"{spec.repo or spec.name} (e.g. {_example(spec)})")
         return folder
     if spec.embedded is not None:
         if not (spec.embedded / "model_index.json").is_file():
             raise MiniditError(f"the embedded model {spec.embedded} is missing; restore it with `git checkout weights`")
         return spec.embedded
-    local_dir = Path(download_dir) / spec.repo.split("/")[-1] if download_dir is not None else None
-    return weights.download(spec.repo, revision=revision, allow_patterns=spec.files, local_dir=local_dir)
+    if not spec.parts:
+        local_dir = Path(download_dir) / spec.repo.split("/")[-1] if download_dir is not None else None
+        return weights.download(spec.repo, revision=revision, allow_patterns=spec.files, local_dir=local_dir)
+    # Each repository is downloaded on its own; the model's folder links them (or, with download_dir, holds them)
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    folder = Path(download_dir) / spec.name if download_dir is not None else Path(HF_HUB_CACHE) / "minidit" / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for sub, repo, files, rev in [(spec.folder, spec.repo, spec.files, revision),
+                                  *[(part.folder, part.repo, part.files, None) for part in spec.parts]]:
+        target = folder / sub
+        if download_dir is not None:
+            weights.download(repo, revision=rev, allow_patterns=files, local_dir=target)
+            continue
+        snapshot = weights.download(repo, revision=rev, allow_patterns=files)
+        if target.is_symlink() or target.exists():
+            if target.is_symlink() and target.resolve() == snapshot.resolve():
+                continue
+            if not target.is_symlink():
+                raise MiniditError(f"{target} is in the way of a link to the download of {repo}: move it away")
+            target.unlink()
+        target.symlink_to(snapshot, target_is_directory=True)
+    return folder
+
+
+def _example(spec: ModelSpec) -> str:
+    if spec.repo is None:
+        return f"as {spec.embedded} is"
+    if not spec.parts:
+        return f"made by `hf download {spec.repo}`"
+    return "made by " + " and ".join(f"`hf download {repo} --local-dir DIR/{sub}`" for sub, repo in
+                                     [(spec.folder, spec.repo), *[(part.folder, part.repo) for part in spec.parts]])
 
 
 def load_backbone(name: str = "dit-tiny", *, weights_dir: str | Path | None = None, revision: str | None = None,

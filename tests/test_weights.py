@@ -441,3 +441,48 @@ def test_download_offline_real_call(tmp_path):
     assert "\n" not in message
     assert not any((tmp_path / "hf").rglob("config.json"))
 
+
+
+def test_a_model_of_several_repositories_gets_one_folder(tmp_path, monkeypatch):
+    """A model assembled from several Hub repositories (Open-Sora: its transformer and DeepFloyd's T5): each is
+    downloaded with its own files and revision, and the model's folder links each snapshot as a sub-folder (kept
+    when it is already right, moved on when the revision changes); with --download-dir it holds them."""
+    import huggingface_hub.constants
+
+    from minidit import api
+    from minidit.pipelines import ModelSpec, Part
+
+    spec = ModelSpec("two-repos", "opensora", "org/model", ("model.safetensors",), "a test model",
+                     folder="transformer", parts=(Part("text_encoder", "org/t5", ("spiece.model",)),))
+    calls = []
+
+    def fake_download(repo, *, revision=None, allow_patterns=(), local_dir=None):
+        calls.append((repo, revision, tuple(allow_patterns), local_dir))
+        snapshot = Path(local_dir) if local_dir else tmp_path / "hub" / repo.replace("/", "--") / (revision or "main")
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return snapshot
+
+    monkeypatch.setattr(weights, "download", fake_download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = api.resolve_weights(spec, revision="v1")
+    assert folder == tmp_path / "hub" / "minidit" / "two-repos"
+    assert (folder / "transformer").resolve() == tmp_path / "hub" / "org--model" / "v1"
+    assert (folder / "text_encoder").resolve() == tmp_path / "hub" / "org--t5" / "main"
+    assert calls == [("org/model", "v1", ("model.safetensors",), None), ("org/t5", None, ("spiece.model",), None)]
+    assert api.resolve_weights(spec, revision="v1") == folder  # again: the links stand
+    api.resolve_weights(spec, revision="v2")
+    assert (folder / "transformer").resolve() == tmp_path / "hub" / "org--model" / "v2"
+
+    (folder / "text_encoder").unlink()
+    (folder / "text_encoder").mkdir()  # a real folder where a link goes: left alone, and said so
+    with pytest.raises(MiniditError, match=r"text_encoder is in the way of a link to the download of org/t5"):
+        api.resolve_weights(spec)
+
+    calls.clear()
+    local = api.resolve_weights(spec, download_dir=tmp_path / "weights")
+    assert local == tmp_path / "weights" / "two-repos"
+    assert [call[3] for call in calls] == [local / "transformer", local / "text_encoder"]
+
+    with pytest.raises(MiniditError, match=r"hf download org/model --local-dir DIR/transformer` and `hf download "
+                                           r"org/t5 --local-dir DIR/text_encoder"):
+        api.resolve_weights(spec, weights_dir=tmp_path / "missing")

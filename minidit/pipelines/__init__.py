@@ -15,6 +15,15 @@ RECIPES = {"dit": "minidit.pipelines.dit:DiTRecipe", "pixart": "minidit.pipeline
 
 
 @dataclass(frozen=True)
+class Part:
+    """A Hub repository that a model needs besides its own, and the sub-folder of the model's folder it goes in."""
+
+    folder: str
+    repo: str
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     family: str  # which recipe in minidit/pipelines samples it
@@ -22,6 +31,10 @@ class ModelSpec:
     files: tuple[str, ...]  # the Hub files the recipe needs (snapshot allow-patterns)
     about: str
     prompts: tuple[str, ...] = ()  # a run's prompts when no --prompts file is given; () = the recipe's own
+    # Models assembled from several repositories (Open-Sora: its transformer, and T5 from DeepFloyd): `repo` is the
+    # model's own and goes in the sub-folder `folder`; each part goes in its own sub-folder
+    folder: str | None = None
+    parts: tuple[Part, ...] = ()
 
     @property
     def embedded(self) -> Path | None:
