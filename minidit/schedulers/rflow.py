@@ -48,8 +48,10 @@ def timestep_transform(t: torch.Tensor, height: torch.Tensor, width: torch.Tenso
     num_frames frames, each (B,); in the official order of operations (its dtypes follow torch's promotion)."""
     tau = t / num_timesteps
     ratio_space = (height * width / BASE_RESOLUTION).sqrt()
-    frames = torch.ones_like(num_frames) if num_frames[0] == 1 else num_frames // FRAMES_PER_CHUNK * \
-        LATENT_FRAMES_PER_CHUNK
+    if num_frames[0] == 1:
+        frames = torch.ones_like(num_frames)
+    else:
+        frames = num_frames // FRAMES_PER_CHUNK * LATENT_FRAMES_PER_CHUNK
     ratio = ratio_space * frames.sqrt()
     return ratio * tau / (1 + (ratio - 1) * tau) * num_timesteps
 

@@ -102,22 +102,23 @@ MODEL_KEYS = ("input_size", "input_sq_size", "in_channels", "patch_size", "hidde
               "qk_norm", "enable_flash_attn", "enable_layernorm_kernel", "enable_sequence_parallelism",
               "only_train_temporal", "freeze_y_embedder", "skip_y_embedder")
 
-# model cases: latent (T, H, W), timesteps, valid caption tokens per row (of 24), fps, (height, width) in pixels
+# model cases: latent (T, H, W), timesteps, valid caption tokens per row (of 24), fps, (height, width) in pixels;
+# the patch grids' base size round(sqrt(S)) differs from their height and width in two of them
 MODEL_CASES = {
-    "frames-3": ((3, 4, 6), (999.0, 312.5), (7, 24), (24.0, 24.0), (32.0, 48.0)),
+    "frames-3": ((3, 4, 8), (999.0, 312.5), (7, 24), (24.0, 24.0), (32.0, 48.0)),
     "frame-1-odd": ((1, 6, 5), (1.0, 640.25), (1, 13), (120.0, 8.0), (48.0, 40.0)),  # odd W: the patch embed pads
-    "frames-5-hd": ((5, 2, 4), (500.0, 0.0), (24, 3), (24.0, 24.0), (720.0, 1280.0)),
+    "frames-5-hd": ((5, 2, 8), (500.0, 0.0), (24, 3), (24.0, 24.0), (720.0, 1280.0)),
 }
 CAPTURE_CASE = "frames-3"
 
 # RFLOW.sample's timesteps after the transform: (steps, height, width, frames), model_args in float32 unless named
 RFLOW_CASES = {
-    "240p-9:16-51f-30": (30, 424, 240, 51),  # the v1.2.0 sample.py defaults
+    "240p-9:16-51f-30": (30, 240, 426, 51),  # the v1.2.0 sample.py defaults
     "720p-16:9-102f-30": (30, 720, 1280, 102),
     "image-512-1f-10": (10, 512, 512, 1),
     "144p-17f-4": (4, 144, 256, 17),
     "480p-16f-8": (8, 480, 854, 16),  # 16 // 17 * 5 = 0 frames: every timestep transforms to 0
-    "240p-9:16-51f-30-bf16": (30, 424, 240, 51),  # model_args in bf16, as scripts/inference.py with dtype bf16
+    "240p-9:16-51f-30-bf16": (30, 240, 426, 51),  # model_args in bf16, as scripts/inference.py with dtype bf16
 }
 
 # the sample run: scripts/inference.py's steps on the tiny model, in fp32 on the CPU
