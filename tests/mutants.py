@@ -39,6 +39,8 @@ def edit(file: str, old: str, new: str) -> tuple[str, str, str]:
 DIT, PIXART, SD3, FLUX = "minidit/models/dit.py", "minidit/models/pixart.py", "minidit/models/sd3.py", \
     "minidit/models/flux.py"
 MOCHI = "minidit/models/mochi.py"
+OPENSORA, RFLOW = "minidit/models/opensora.py", "minidit/schedulers/rflow.py"
+OPENSORA_TESTS = ("tests/test_opensora.py",)
 CAPTURES = "tests/test_capture_points.py"
 FLUX_PIPELINE = "minidit/pipelines/flux.py"
 
@@ -306,6 +308,58 @@ MUTANTS = [
         edit(MOCHI, 'a_x = attention_output(self.to_out[0](out_x), layer=self.layer, streams="img")',
              'a_x = self.to_out[0](attention_output(out_x, layer=self.layer, streams="img"))'),),
         ("tests/test_mochi.py",)),
+    # ---- Open-Sora 1.2 (tests/test_opensora.py)
+    Mutant("opensora-qk-norm-eps", "Open-Sora per-head q/k RMSNorm eps 1e-5, not LlamaRMSNorm's 1e-6", (
+        edit(OPENSORA, "QK_NORM_EPS = 1e-6", "QK_NORM_EPS = 1e-5"),), OPENSORA_TESTS),
+    Mutant("opensora-shift-scale-swapped", "Open-Sora block modulation read as (scale, shift, gate)", (
+        edit(OPENSORA, "shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(dim=1)",
+             "scale_msa, shift_msa, gate_msa, scale_mlp, shift_mlp, gate_mlp = mod.unbind(dim=1)"),), OPENSORA_TESTS),
+    Mutant("opensora-rope-on-spatial", "Open-Sora RoPE on the spatial attention instead of the temporal one", (
+        edit(OPENSORA, "x = spatial(x, t6, text, mask, fold=SPATIAL, T=T, S=S)",
+             "x = spatial(x, t6, text, mask, fold=SPATIAL, rope=self.rope(S), T=T, S=S)"),
+        edit(OPENSORA, "fold=TEMPORAL, rope=rope, T=T, S=S)", "fold=TEMPORAL, rope=None, T=T, S=S)")), OPENSORA_TESTS),
+    Mutant("opensora-rope-halves", "Open-Sora RoPE angles laid out in halves (GPT-NeoX style), not interleaved pairs", (
+        edit(OPENSORA, "angles = torch.outer(positions, self.freqs).repeat_interleave(2, dim=1)",
+             "angles = torch.outer(positions, self.freqs).repeat(1, 2)"),), OPENSORA_TESTS),
+    Mutant("opensora-K-before-qk-norm", "Open-Sora self-attention K and V recorded one step early, before the "
+           "QK-norm (and RoPE)", (
+        edit(OPENSORA, "        q, k = self.q_norm(q), self.k_norm(k)\n",
+             "        from minidit import attention as hook\n"
+             "        if hook._recorder is not None:\n"
+             "            hook._recorder.capture(self.layer, 'K', k, 2, 'img')\n"
+             "            hook._recorder.capture(self.layer, 'V', v, 2, 'img')\n"
+             "        q, k = self.q_norm(q), self.k_norm(k)\n"),
+        edit(OPENSORA, "out = attention(q, k, v, layer=self.layer)  # (N, L, D)", "out = attention(q, k, v)")),
+        OPENSORA_TESTS),
+    Mutant("opensora-cross-mask-ignored", "Open-Sora cross-attention attends to padded text tokens", (
+        edit(OPENSORA, 'out = attention(q, k, v, mask=mask, layer=self.layer, streams="txt")',
+             'out = attention(q, k, v, mask=None, layer=self.layer, streams="txt")'),), OPENSORA_TESTS),
+    Mutant("opensora-pos-scale-ignored", "Open-Sora position table not scaled by the video's pixel size", (
+        edit(OPENSORA, "scale = (float(height[0]) * float(width[0])) ** 0.5 / cfg.input_sq_size", "scale = 1.0"),),
+        OPENSORA_TESTS),
+    Mutant("opensora-pos-base-size", "Open-Sora position grid stretched to its own height, not round(sqrt(S))", (
+        edit(OPENSORA, "pos = position_table(cfg.hidden_size, H, W, scale, round(S**0.5))",
+             "pos = position_table(cfg.hidden_size, H, W, scale, H)"),), OPENSORA_TESTS),
+    Mutant("opensora-pos-halves-swapped", "Open-Sora position table with the row in the first half, not the column", (
+        edit(OPENSORA, "return torch.cat([sincos(grid_col), sincos(grid_row)], dim=1)",
+             "return torch.cat([sincos(grid_row), sincos(grid_col)], dim=1)"),), OPENSORA_TESTS),
+    Mutant("opensora-fps-dropped", "Open-Sora conditioning without the fps embedding", (
+        edit(OPENSORA, "c = self.t_embedder(timestep.to(dtype), dtype) + self.fps_embedder(fps, dtype)",
+             "c = self.t_embedder(timestep.to(dtype), dtype)"),), OPENSORA_TESTS),
+    Mutant("opensora-final-silu", "Open-Sora final layer modulated by SiLU(c), as the blocks' t_block, not by c", (
+        edit(OPENSORA, "shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(dim=1)",
+             "shift, scale = (self.scale_shift_table[None] + F.silu(c)[:, None]).unbind(dim=1)"),), OPENSORA_TESTS),
+    Mutant("opensora-kv-halves", "Open-Sora cross-attention kv_linear read as (v, k), not (k, v)", (
+        edit(OPENSORA, "k, v = rearrange(self.kv_linear(text)", "v, k = rearrange(self.kv_linear(text)"),),
+        OPENSORA_TESTS),
+    Mutant("rflow-transform-pixel-frames", "RFlow transform with the pixel frame count, not num_frames // 17 * 5", (
+        edit(RFLOW, "frames = num_frames // FRAMES_PER_CHUNK * LATENT_FRAMES_PER_CHUNK", "frames = num_frames"),),
+        OPENSORA_TESTS),
+    Mutant("rflow-transform-off", "RFlow timestep transform ignoring the frame count (space ratio only)", (
+        edit(RFLOW, "ratio = ratio_space * frames.sqrt()", "ratio = ratio_space"),), OPENSORA_TESTS),
+    Mutant("rflow-last-step-skipped", "RFlow last step not taken to t = 0", (
+        edit(RFLOW, "dt = (self._timesteps[i] if t_next is None else", "dt = (0 * self._timesteps[i] if t_next is None "
+             "else"),), OPENSORA_TESTS),
 ]
 
 

@@ -16,9 +16,10 @@ from minidit.schedulers.cogvideox_ddim import CogVideoXDDIM
 from minidit.schedulers.ddim import DDIM
 from minidit.schedulers.dpm_solver import DPMSolver
 from minidit.schedulers.flow import FlowMatchEuler
+from minidit.schedulers.rflow import RFlow
 from minidit.vae.autoencoder_kl import AutoencoderKLDecoder
 
-Scheduler = DDIM | DPMSolver | FlowMatchEuler | CogVideoXDDIM
+Scheduler = DDIM | DPMSolver | FlowMatchEuler | CogVideoXDDIM | RFlow
 # Every option a recipe may take: a keyword argument of its constructor, and the analyze.py flag of the same name
 # (max_sequence_length is --max-sequence-length). Not given (None) means the model's default.
 OPTIONS = ("convention", "height", "width", "frames", "max_sequence_length", "cross_attention", "dynamic_cfg")
