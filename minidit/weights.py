@@ -22,7 +22,7 @@ import torch
 from minidit.errors import MiniditError
 
 # The file names a component folder may hold, in order of preference (diffusers, then transformers names).
-WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")  # pytorch_model: transformers' .bin name
 SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 

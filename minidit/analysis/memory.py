@@ -84,6 +84,7 @@ SETTINGS = [
             text_in_last=False, text_width=1536),
 ]
 TEXT_ENCODER = {"dit-xl-256": 0, "flux-dev": T5_XXL + 123_060_480, "sd3": T5_XXL + 123_650_304 + 694_659_840}
+TEXT_ENCODER_FLOAT32 = {"opensora"}  # NOTE(official): Open-Sora runs T5 in float32 whatever the run's dtype
 
 
 def table(itemsize: int = 2) -> str:
@@ -95,9 +96,9 @@ def table(itemsize: int = 2) -> str:
         captures = s.captures()
         device, _ = held_bytes(captures, s.branches, itemsize)
         staging, host = held_bytes(captures, s.branches, itemsize, prev_on_host=True)
-        text = TEXT_ENCODER.get(s.model, T5_XXL)
+        text = TEXT_ENCODER.get(s.model, T5_XXL) * (4 if s.model in TEXT_ENCODER_FLOAT32 else itemsize)
         rows.append(f"| {s.model} | {s.size} | {s.params * itemsize / GB:.1f} GB | "
-                    f"{text * itemsize / GB:.1f} GB | {device / GB:.1f} GB | {staging / GB:.2f} GB | "
+                    f"{text / GB:.1f} GB | {device / GB:.1f} GB | {staging / GB:.2f} GB | "
                     f"{host / GB:.1f} GB |")
     return "\n".join(rows)
 

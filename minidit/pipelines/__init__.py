@@ -11,7 +11,8 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "weights"
 # family -> the class implementing its `Recipe`, as "module:Class": imported (with its model) on first use
 RECIPES = {"dit": "minidit.pipelines.dit:DiTRecipe", "pixart": "minidit.pipelines.pixart:PixArtRecipe",
            "sd3": "minidit.pipelines.sd3:SD3Recipe", "flux": "minidit.pipelines.flux:FluxRecipe",
-           "latte": "minidit.pipelines.latte:LatteRecipe", "cogvideox": "minidit.pipelines.cogvideox:CogVideoXRecipe"}
+           "latte": "minidit.pipelines.latte:LatteRecipe", "cogvideox": "minidit.pipelines.cogvideox:CogVideoXRecipe",
+           "opensora": "minidit.pipelines.opensora:OpenSoraRecipe"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,14 @@ _LATTE_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenize
 _COGVIDEOX_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "vae/config.json",
                     *_weights("transformer", "diffusion_pytorch_model"), *_weights("text_encoder", "model"))
 
+# Open-Sora: its transformer's repository, and T5 from DeepFloyd's (its main branch has the encoder as two .bin
+# shards; safetensors are taken where a revision has them). Its VAE is not implemented yet, so not fetched.
+_OPENSORA_FILES = ("config.json", "model.safetensors")
+_DEEPFLOYD_T5 = Part("text_encoder", "DeepFloyd/t5-v1_1-xxl",
+                     ("config.json", "spiece.model", "special_tokens_map.json", "tokenizer_config.json",
+                      "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                      "pytorch_model.bin.index.json"))
+
 # flux-tiny's default prompts: captions of its training data (minidit/tiny/shapes.py), every shape once
 FLUX_TINY_PROMPTS = (
     "a red circle on a black background",
@@ -106,6 +115,9 @@ MODELS = {spec.name: spec for spec in [
               "CogVideoX-5b text-to-video, 49 frames at 480x720, T5-XXL, full 3D attention with 3D RoPE"),
     ModelSpec("cogvideox-2b", "cogvideox", "THUDM/CogVideoX-2b", _COGVIDEOX_FILES,
               "CogVideoX-2b text-to-video, 49 frames at 480x720, T5-XXL, full 3D attention"),
+    ModelSpec("opensora", "opensora", "hpcai-tech/OpenSora-STDiT-v3", _OPENSORA_FILES,
+              "Open-Sora 1.2 (STDiT3) text-to-video, 51 frames at 240x426, T5-XXL (gated: needs a Hub token), "
+              "spatial and temporal attention", folder="transformer", parts=(_DEEPFLOYD_T5,)),
 ]}
 ALIASES = {"dit": "dit-xl-256", "pixart": "pixart-1024", "flux": "flux-dev", "cogvideox": "cogvideox-5b"}
 

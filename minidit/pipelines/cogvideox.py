@@ -32,19 +32,6 @@ from minidit.text.t5_tokenizer import T5Tokenizer
 
 DEFAULT_T5_LENGTH = 226  # CogVideoXPipeline's max_sequence_length
 
-# The prompts of a run when no --prompts file is given: scenes with motion, for a video model
-VIDEO_PROMPTS = (
-    "a red fox running through fresh snow in a pine forest, slow motion",
-    "waves crashing on a rocky coast at sunset, aerial view",
-    "a chef tossing vegetables in a wok over a high flame",
-    "a hot air balloon rising over green hills at dawn",
-    "a cat chasing a ball of yarn across a wooden floor",
-    "rain falling on a busy city street at night, neon reflections",
-    "a paper boat drifting down a small stream in autumn",
-    "a hummingbird hovering at a red flower, close-up",
-)
-
-
 def dynamic_guidance(guidance: float, t: int, num_steps: int) -> float:
     """The pipeline's use_dynamic_cfg: 1 + g (1 - cos(pi ((N - t) / N)^5)) / 2.
 
@@ -101,10 +88,7 @@ class CogVideoXRecipe:
 
     # ---- prompts and text --------------------------------------------------------------------------------
 
-    def default_prompts(self) -> list[str]:
-        return list(VIDEO_PROMPTS)
-
-    parse_prompt = recipe.as_given  # any text, as given
+    default_prompts, parse_prompt = recipe.video_prompts, recipe.as_given  # VIDEO_PROMPTS; any text, as given
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt (and the empty negative prompt) once, then release T5 to free its memory."""

@@ -105,6 +105,17 @@ TEXT_PROMPTS = (
     "a cozy reading room with bookshelves and a fireplace",
     "a macro photo of a dew-covered spider web in a garden",
 )
+# The prompts of a video run when no --prompts file is given: scenes with motion (CogVideoX, Open-Sora, Mochi)
+VIDEO_PROMPTS = (
+    "a red fox running through fresh snow in a pine forest, slow motion",
+    "waves crashing on a rocky coast at sunset, aerial view",
+    "a chef tossing vegetables in a wok over a high flame",
+    "a hot air balloon rising over green hills at dawn",
+    "a cat chasing a ball of yarn across a wooden floor",
+    "rain falling on a busy city street at night, neon reflections",
+    "a paper boat drifting down a small stream in autumn",
+    "a hummingbird hovering at a red flower, close-up",
+)
 NEGATIVE_PROMPT = ""  # the unconditional branch (PixArt, SD3) is the encoding of the empty prompt
 Encoding = tuple[torch.Tensor, ...]  # a prompt's text tensors, e.g. T5 states and their mask
 Predict = Callable[[torch.Tensor, float], torch.Tensor]  # the backbone's output for latents x at scheduler time t
@@ -142,6 +153,10 @@ def from_cache(cache: dict[str, Encoding], text: str, device: str | torch.device
 # default_prompts, parse_prompt (any text) and branches (of the batches below) of the text-to-image recipes
 def text_prompts(self: Recipe) -> list[str]:
     return list(TEXT_PROMPTS)
+
+
+def video_prompts(self: Recipe) -> list[str]:
+    return list(VIDEO_PROMPTS)
 
 
 def as_given(self: Recipe, prompt: str) -> str:
