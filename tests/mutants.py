@@ -41,6 +41,7 @@ DIT, PIXART, SD3, FLUX = "minidit/models/dit.py", "minidit/models/pixart.py", "m
 MOCHI = "minidit/models/mochi.py"
 OPENSORA, RFLOW = "minidit/models/opensora.py", "minidit/schedulers/rflow.py"
 OPENSORA_TESTS = ("tests/test_opensora.py",)
+OPENSORA_RECIPE, OPENSORA_PIPELINE_TESTS = "minidit/pipelines/opensora.py", ("tests/test_opensora_pipeline.py",)
 CAPTURES = "tests/test_capture_points.py"
 FLUX_PIPELINE = "minidit/pipelines/flux.py"
 
@@ -360,6 +361,23 @@ MUTANTS = [
     Mutant("rflow-last-step-skipped", "RFlow last step not taken to t = 0", (
         edit(RFLOW, "dt = (self._timesteps[i] if t_next is None else", "dt = (0 * self._timesteps[i] if t_next is None "
              "else"),), OPENSORA_TESTS),
+    Mutant("opensora-null-caption-full-mask", "Open-Sora null caption with all its rows, not the prompt's mask", (
+        edit(OPENSORA_RECIPE, "return torch.cat([states, null]), torch.cat([mask, mask])",
+             "return torch.cat([states, null]), torch.cat([mask, torch.ones_like(mask)])"),), OPENSORA_PIPELINE_TESTS),
+    Mutant("opensora-no-aesthetic-score", "Open-Sora prompt without the ' aesthetic score: 6.5.' suffix", (
+        edit(OPENSORA_RECIPE, "[clean_caption(with_aesthetic_score(prompt))]", "[clean_caption(prompt)]"),),
+        OPENSORA_PIPELINE_TESTS),
+    Mutant("opensora-no-cleaning", "Open-Sora prompt not cleaned (so not lower-cased) before T5", (
+        edit(OPENSORA_RECIPE, "[clean_caption(with_aesthetic_score(prompt))]", "[with_aesthetic_score(prompt)]"),),
+        OPENSORA_PIPELINE_TESTS),
+    Mutant("opensora-batch-order", "Open-Sora guidance reading the batch as [uncond; cond]", (
+        edit(OPENSORA_RECIPE, "cond, uncond = v.chunk(2)", "uncond, cond = v.chunk(2)"),), OPENSORA_PIPELINE_TESTS),
+    Mutant("opensora-image-fps", "Open-Sora video conditioned on the image fps (120) instead of 24", (
+        edit(OPENSORA_RECIPE, "fps = IMAGE_FPS if self.frames == 1 else FPS", "fps = IMAGE_FPS"),),
+        OPENSORA_PIPELINE_TESTS),
+    Mutant("opensora-latent-frames-ceil", "Open-Sora latent frames as ceil(F / 17) * 5 (51 -> 15, 17 -> 5, 20 -> 10)", (
+        edit(OPENSORA_RECIPE, "return chunks * LATENT_FRAMES_PER_CHUNK + -(-rest // 4)",
+             "return -(-frames // FRAMES_PER_CHUNK) * LATENT_FRAMES_PER_CHUNK"),), OPENSORA_PIPELINE_TESTS),
 ]
 
 
