@@ -54,6 +54,7 @@ fixtures:  # regenerate tests/fixtures from the reference implementations (needs
 	$(PYTHON) tests/reference/generate_cogvideox.py  # after t5: reuses the tiny T5 and tokenizer
 	$(PYTHON) tests/reference/generate_mochi.py
 	$(PYTHON) tests/reference/generate_opensora.py  # after t5; needs OPENSORA_REPO=<a clone of hpcaitech/Open-Sora> and timm==0.9.16 (--no-deps)
+	$(PYTHON) tests/reference/generate_captions.py  # needs OPENSORA_REPO too, and ftfy and beautifulsoup4 (the reference extra)
 
 train-tiny:  # retrain an embedded model, weights/$(MODEL): flux-tiny (28 min + 1.5 to export and measure) or dit-tiny (25)
 	$(PYTHON) -m minidit.train_tiny --model $(MODEL)
