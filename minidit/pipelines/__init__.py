@@ -11,7 +11,8 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "weights"
 # family -> the class implementing its `Recipe`, as "module:Class": imported (with its model) on first use
 RECIPES = {"dit": "minidit.pipelines.dit:DiTRecipe", "pixart": "minidit.pipelines.pixart:PixArtRecipe",
            "sd3": "minidit.pipelines.sd3:SD3Recipe", "flux": "minidit.pipelines.flux:FluxRecipe",
-           "latte": "minidit.pipelines.latte:LatteRecipe", "cogvideox": "minidit.pipelines.cogvideox:CogVideoXRecipe"}
+           "latte": "minidit.pipelines.latte:LatteRecipe", "cogvideox": "minidit.pipelines.cogvideox:CogVideoXRecipe",
+           "mochi": "minidit.pipelines.mochi:MochiRecipe"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ _LATTE_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenize
 _COGVIDEOX_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "vae/config.json",
                     *_weights("transformer", "diffusion_pytorch_model"), *_weights("text_encoder", "model"))
 
+# Mochi: the transformer's bf16 variant (20 GB; the fp32 files are 40 GB and give the same values in a bf16 run), T5,
+# and only the VAE's config (no VAE yet); genmo's root files (dit.safetensors, the VAE halves) are not fetched
+_MOCHI_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "vae/config.json",
+                "transformer/config.json", "transformer/diffusion_pytorch_model.bf16-*-of-*.safetensors",
+                "transformer/diffusion_pytorch_model.safetensors.index.bf16.json", *_weights("text_encoder", "model"))
+
 # flux-tiny's default prompts: captions of its training data (minidit/tiny/shapes.py), every shape once
 FLUX_TINY_PROMPTS = (
     "a red circle on a black background",
@@ -93,6 +100,8 @@ MODELS = {spec.name: spec for spec in [
               "CogVideoX-5b text-to-video, 49 frames at 480x720, T5-XXL, full 3D attention with 3D RoPE"),
     ModelSpec("cogvideox-2b", "cogvideox", "THUDM/CogVideoX-2b", _COGVIDEOX_FILES,
               "CogVideoX-2b text-to-video, 49 frames at 480x720, T5-XXL, full 3D attention"),
+    ModelSpec("mochi", "mochi", "genmo/mochi-1-preview", _MOCHI_FILES,
+              "Mochi 1 preview text-to-video, 19 frames at 480x848, T5-XXL, asymmetric joint attention (bf16 weights)"),
 ]}
 ALIASES = {"dit": "dit-xl-256", "pixart": "pixart-1024", "flux": "flux-dev", "cogvideox": "cogvideox-5b"}
 

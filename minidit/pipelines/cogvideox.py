@@ -32,18 +32,6 @@ from minidit.text.t5_tokenizer import T5Tokenizer
 
 DEFAULT_T5_LENGTH = 226  # CogVideoXPipeline's max_sequence_length
 
-# The prompts of a run when no --prompts file is given: scenes with motion, for a video model
-VIDEO_PROMPTS = (
-    "a red fox running through fresh snow in a pine forest, slow motion",
-    "waves crashing on a rocky coast at sunset, aerial view",
-    "a chef tossing vegetables in a wok over a high flame",
-    "a hot air balloon rising over green hills at dawn",
-    "a cat chasing a ball of yarn across a wooden floor",
-    "rain falling on a busy city street at night, neon reflections",
-    "a paper boat drifting down a small stream in autumn",
-    "a hummingbird hovering at a red flower, close-up",
-)
-
 
 def dynamic_guidance(guidance: float, t: int, num_steps: int) -> float:
     """The pipeline's use_dynamic_cfg: 1 + g (1 - cos(pi ((N - t) / N)^5)) / 2.
@@ -52,16 +40,6 @@ def dynamic_guidance(guidance: float, t: int, num_steps: int) -> float:
     number for most steps and the scale oscillates between 1 and 1 + g rather than rising smoothly.
     """
     return 1 + guidance * ((1 - math.cos(math.pi * ((num_steps - t) / num_steps) ** 5.0)) / 2)
-
-
-def video_frames(frames: int | None, default: int, temporal: int, name: str) -> int:
-    """--frames (the model's `default` where not given): temporal k + 1 frames, k >= 0."""
-    frames = default if frames is None else frames
-    if frames < 1 or (frames - 1) % temporal:
-        examples = ", ".join(str(temporal * k + 1) for k in range(4))
-        raise MiniditError(f"--frames must be {temporal}k+1 for {name} ({examples}, ...; default {default}), got "
-                           f"{frames}: its VAE compresses {temporal} frames into one latent frame after the first")
-    return frames
 
 
 class CogVideoXRecipe:
@@ -88,7 +66,7 @@ class CogVideoXRecipe:
         self.vae_temporal = vae.get("temporal_compression_ratio", 4)
         self.tokenizer = T5Tokenizer(folder / "tokenizer")
         self.text_encoder = load_t5(folder / "text_encoder", dtype=recipe.t5_dtype(dtype), device=device)
-        self.frames = video_frames(frames, cfg.sample_frames, self.vae_temporal, self.name)
+        self.frames = recipe.video_frames(frames, cfg.sample_frames, self.vae_temporal, self.name)
         height = cfg.sample_height * self.vae_scale if height is None else height  # 480 x 720 by default
         width = cfg.sample_width * self.vae_scale if width is None else width
         self.resolution = recipe.image_size(height, width, 0, self.vae_scale * cfg.patch_size, self.name)
@@ -101,10 +79,7 @@ class CogVideoXRecipe:
 
     # ---- prompts and text --------------------------------------------------------------------------------
 
-    def default_prompts(self) -> list[str]:
-        return list(VIDEO_PROMPTS)
-
-    parse_prompt = recipe.as_given  # any text, as given
+    default_prompts, parse_prompt = recipe.video_prompts, recipe.as_given  # VIDEO_PROMPTS; any text, as given
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt (and the empty negative prompt) once, then release T5 to free its memory."""
