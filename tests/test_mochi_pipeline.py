@@ -1,6 +1,7 @@
 """Mochi 1 preview beyond the transformer: its sampler against diffusers' FlowMatchEulerDiscreteScheduler set up as
 MochiPipeline sets it up (linear-quadratic sigmas, invert_sigmas); the other checkpoint layouts (the Hub's bf16
-variant, genmo's dit.safetensors) against the diffusers layout and against genmo's own module definitions.
+variant, genmo's dit.safetensors) against the diffusers layout and against genmo's own module definitions; the
+whole text-to-video recipe against MochiPipeline, then analyze.py end to end.
 
 The fixtures are written by tests/reference/generate_mochi_pipeline.py; the transformer is generate_mochi's tiny
 48-block one (its fp32 shards, and the bf16 variant and genmo file made from them). Each comparison runs against:
@@ -10,12 +11,14 @@ The fixtures are written by tests/reference/generate_mochi_pipeline.py; the tran
 Errors are max |minidit - reference| / max(1, max |reference|).
 """
 
+import csv
 import functools
+import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import LIVE, SOURCES, assert_matches, reference_generator
+from conftest import LIVE, ROOT, SOURCES, assert_matches, reference_generator, scaled_error
 from safetensors.torch import load_file, save_file
 
 from minidit import weights
@@ -30,6 +33,7 @@ from minidit.models.mochi import (
     hub_variant,
     load_mochi,
 )
+from minidit.pipelines.mochi import MochiRecipe
 from minidit.schedulers.flow import FlowMatchConfig, FlowMatchEuler, linear_quadratic_sigmas
 
 G = reference_generator("generate_mochi_pipeline")
@@ -215,3 +219,176 @@ def test_missing_transformer_weights(tmp_path):
     (tmp_path / "config.json").write_text((G.FOLDER / "transformer" / "config.json").read_text())
     with pytest.raises(MiniditError, match="no Mochi transformer weights.*bf16 variant"):
         load_mochi(tmp_path)
+
+
+# ---- the recipe ---------------------------------------------------------------------------------------------------
+
+# Final latents against MochiPipeline's, fp32. Not bit-exact even in process: for each batch row diffusers attends
+# over the visual and the valid text tokens only, minidit over all 256 text tokens with the padded ones masked (the
+# same attention; a longer masked reduction that rounds differently; with the text cut to its valid tokens the two
+# agree bit for bit). Worst error: live 4.67e-7; stored (tests/measure_tolerances.py, default/avx2/avx512; the fixture
+# was written at avx512) 5.52e-7 (default), x 5. A wrong threshold, timestep or shift moves the latents by > 1e-2:
+PIPELINE_TOL = 2.8e-6
+LAYERS = 48
+
+
+@functools.cache
+def recipe(layout_folder, height=32, width=48, frames=7) -> MochiRecipe:
+    return MochiRecipe(layout_folder, dtype=torch.float32, device="cpu", height=height, width=width, frames=frames)
+
+
+def generate(r: MochiRecipe, guidance: float) -> torch.Tensor:
+    return r.generate(G.PIPELINE_PROMPT, G.PIPELINE_SEED, r.make_scheduler("mochi", G.PIPELINE_STEPS), guidance)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what=None) -> None:
+    """Within `tolerance` (scaled_error), live or stored alike: see PIPELINE_TOL."""
+    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
+    error = scaled_error(actual, expected)
+    assert error <= tolerance, (what, error, tolerance)
+
+
+@functools.cache
+def final_latents(case: str, folder) -> torch.Tensor:
+    _, height, width, frames, guidance = G.PIPELINE_CASES[case]
+    return generate(recipe(folder, height, width, frames), guidance)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("case", G.PIPELINE_CASES)
+def test_pipeline_final_latents(case, source, assembled):
+    """3 steps, guidance 4.5 ([uncond; cond] batch) or 1 (one branch), seed 0, T5 length 256 with the mask, from the
+    bf16 variant (upcast to fp32) or the fp32 files: MochiPipeline's final latents at 7 frames of 32x48 and 13 of
+    48x32 (2 and 3 latent frames)."""
+    layout, height, width, frames, _ = G.PIPELINE_CASES[case]
+    folder = assembled(layout)
+    latents = final_latents(case, folder)
+    assert latents.shape == (1, 12, (frames - 1) // 6 + 1, height // 8, width // 8)
+    expected = stored()[f"pipeline/{case}/latents"] if source == "fixture" else G.reference_pipeline(case, folder)
+    assert_close(latents, expected, PIPELINE_TOL, case)
+
+
+def test_genmo_and_hub_folders_give_the_same_latents(assembled):
+    """A folder with genmo's dit.safetensors at its root (and no transformer weights) samples exactly what the Hub
+    layout's fp32 files sample."""
+    genmo = generate(recipe(assembled("genmo")), 4.5)
+    assert torch.equal(genmo, final_latents("hub/small", assembled("hub")))
+    assert_close(genmo, stored()["pipeline/hub/small/latents"], PIPELINE_TOL, "genmo")
+
+
+def test_recipe_defaults_and_layers(assembled):
+    """MochiPipeline's defaults: 64 steps, guidance 4.5, 19 frames at 480x848, 256 T5 tokens; 48 joint layers."""
+    r = MochiRecipe(assembled("variant"), dtype=torch.float32, device="cpu")
+    assert (r.default_steps, r.default_guidance, r.frames, r.resolution, r.max_sequence_length) == \
+        (64, 4.5, 19, (480, 848), 256)
+    assert r.schedulers == ("mochi",) and r.default_scheduler == "mochi" and not r.decodes
+    assert r.branches(4.5) == ("uncond", "cond") and r.branches(1.0) == ("cond",)
+    assert r.default_prompts()[0].startswith("a red fox")
+    assert recipe(assembled("variant")).manifest_fields() == {"resolution": [32, 48], "frames": 7,
+                                                             "max_sequence_length": 256}
+    s = r.make_scheduler("mochi", 64)
+    assert s.cfg.invert_sigmas and s.timesteps[0] == 0.0 and s.sigmas[0] == 1.0
+    layers = r.attention_layers()
+    assert len(layers) == LAYERS and all(layer.kind == "joint" for layer in layers)
+    text, mask = r.encode(G.PIPELINE_PROMPT)
+    assert text.shape == (1, 256, 32) and mask.shape == (1, 256) and 1 < int(mask.sum()) < 256
+    assert not torch.equal(r.encode(G.PIPELINE_PROMPT.lower())[0], text)  # the prompt as given, not lower-cased
+
+
+def test_bad_frames_size_and_missing_weights(tmp_path):
+    """Refused with one clear message, before any weights are read (an empty folder gives the frames and size
+    errors, not a missing-file one)."""
+    for frames in (8, 0, 18):
+        with pytest.raises(MiniditError, match=r"--frames must be 6k\+1 for Mochi 1 preview \(1, 7, 13, 19, \.\.\.; "):
+            MochiRecipe(tmp_path, dtype=torch.float32, device="cpu", frames=frames)
+    for size in ((40, 48), (32, 40), (0, 48)):
+        with pytest.raises(MiniditError, match="multiples of 16"):
+            MochiRecipe(tmp_path, dtype=torch.float32, device="cpu", height=size[0], width=size[1])
+    with pytest.raises(MiniditError, match="--max-sequence-length must be at least 1"):
+        MochiRecipe(tmp_path, dtype=torch.float32, device="cpu", max_sequence_length=0)
+    with pytest.raises(MiniditError, match="scheduler_config.json is missing"):
+        MochiRecipe(tmp_path, dtype=torch.float32, device="cpu")
+    folder = G.assemble("variant", tmp_path / "no-transformer")
+    for f in (folder / "transformer").glob("diffusion_pytorch_model*"):
+        f.unlink()
+    with pytest.raises(MiniditError, match="holds no Mochi transformer.*or genmo's dit.safetensors"):
+        MochiRecipe(folder, dtype=torch.float32, device="cpu")
+
+
+def test_text_encoder_is_released_after_prepare(assembled):
+    r = MochiRecipe(assembled("variant"), dtype=torch.float32, device="cpu")
+    expected = r.encode("a prompt")
+    r.prepare(["a prompt"])
+    assert r.text_encoder is None and "" in r.embeddings
+    assert all(torch.equal(a, b) for a, b in zip(r.encode("a prompt"), expected))
+    with pytest.raises(MiniditError, match="released"):
+        r.encode("another prompt")
+    with pytest.raises(MiniditError, match="save-latents"):
+        r.decode(torch.zeros(1, 12, 2, 4, 6))
+
+
+# ---- analyze.py end to end ----------------------------------------------------------------------------------------
+
+spec = importlib.util.spec_from_file_location("analyze", ROOT / "analyze.py")
+analyze = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(analyze)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("mochi-analyze")
+
+
+@functools.cache
+def analysis(tmp) -> tuple[int, object]:
+    prompts = tmp / "prompts.txt"
+    prompts.write_text(G.PIPELINE_PROMPT + "\n")
+    out = tmp / "run"
+    code = analyze.main(["--model", "mochi", "--weights", str(G.FOLDER), "--steps", str(G.PIPELINE_STEPS),
+                         "--height", "32", "--width", "48", "--frames", "7", "--prompts", str(prompts),
+                         "--device", "cpu", "--save-latents", "--out", str(out)])
+    return code, out
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_analyze_end_to_end(source, tmp):
+    """analyze.py --model mochi --weights on the committed folder (the bf16 variant, as downloaded): 48 joint layers,
+    streams img and txt (the last block's text has K and V but no A), branches uncond and cond; the manifest's
+    schedule is Mochi's; --save-latents writes MochiPipeline's final latents for the same prompt, seed and settings."""
+    code, out = analysis(tmp)
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    s = mochi_scheduler(G.PIPELINE_STEPS)
+    assert manifest["frames"] == 7 and manifest["resolution"] == [32, 48] and manifest["max_sequence_length"] == 256
+    assert manifest["timesteps"] == s.timesteps and manifest["sigmas"] == s.sigmas and manifest["sigmas"][0] == 1.0
+    assert manifest["scheduler"]["schedule"] == "mochi" and manifest["scheduler"]["config"]["invert_sigmas"]
+    assert manifest["guidance"] == 4.5 and manifest["repo"] == "genmo/mochi-1-preview"
+    assert manifest["branches"] == ["uncond", "cond"] and manifest["streams"] == ["img", "txt"]
+    assert [layer["name"] for layer in manifest["layers"]] == [f"transformer_blocks.{i}.attn1" for i in range(LAYERS)]
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {int(r["layer"]) for r in rows} == set(range(LAYERS)) and {r["kind"] for r in rows} == {"joint"}
+    cells = {(int(r["layer"]), r["stream"], r["tensor"]) for r in rows}
+    last_text_a = (LAYERS - 1, "txt", "A")
+    assert cells == {(i, s, t) for i in range(LAYERS) for s in ("img", "txt") for t in "KVA"} - {last_text_a}
+    assert {r["branch"] for r in rows} >= {"uncond", "cond"}
+    latents = load_file(out / "latents" / "000000.safetensors")["latents"]
+    expected = stored()["pipeline/variant/small/latents"] if source == "fixture" else \
+        G.reference_pipeline("variant/small", G.FOLDER)
+    assert_close(latents, expected, PIPELINE_TOL, "latents")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--save-images"], "--save-latents"),
+    (["--frames", "8"], "6k+1"),
+    (["--height", "40"], "multiples of 16"),
+    (["--dynamic-cfg"], "--dynamic-cfg does not apply to mochi"),
+])
+def test_analyze_bad_input_fails_cleanly(flags, message, tmp, capsys):
+    """One error line, no traceback, exit code 2, no run directory."""
+    out = tmp / f"refused{len(flags)}{flags[0]}"
+    code = analyze.main(["--model", "mochi", "--weights", str(G.FOLDER), "--steps", "2", "--device", "cpu",
+                         "--num-prompts", "1", "--out", str(out), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()

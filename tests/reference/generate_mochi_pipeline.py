@@ -282,9 +282,9 @@ def reference_pipeline(case: str, folder: Path) -> torch.Tensor:
     layout, height, width, frames, guidance = PIPELINE_CASES[case]
     diffusers = tools.quiet_diffusers()
     transformer = diffusers.MochiTransformer3DModel.from_pretrained(
-        folder / "transformer", torch_dtype=torch.float32, variant="bf16" if layout == "variant" else None)
+        folder / "transformer", dtype=torch.float32, variant="bf16" if layout == "variant" else None)
     pipe = diffusers.MochiPipeline.from_pretrained(folder, transformer=transformer.eval(), vae=None,
-                                                   torch_dtype=torch.float32)
+                                                   dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(PIPELINE_SEED)
     import warnings
