@@ -40,8 +40,8 @@ A third way, for Mochi 1 preview:
   "mochi" what MochiPipeline passes: sigmas = `linear_quadratic_sigmas(N, 0.025)` (genmo's schedule, in float64, then
          float32), shifted with `shift` (Mochi's config: 1.0, so unchanged); no dynamic shifting (the pipeline passes
          no mu). Half the steps (N // 2) walk linearly from sigma 1 down to 1 - 0.025, the rest follow a parabola
-         from there to the last step (sigma_{N-1} = 1 - x_{N-1}, x on the curve below), spending most steps at high
-         noise: with x = 1 - sigma, M = N // 2 and delta = 0.025,
+         in the step index that continues from there and would reach sigma 0 at i = N (the appended end), so most
+         steps are spent at high noise: with x = 1 - sigma, M = N // 2 and delta = 0.025,
              x_i = i delta / M                           for i < M
              x_i = a i^2 + b i + c                       for i >= M,  d = M - delta N, Q = N - M,
              a = d / (M Q^2), b = delta / M - 2 d / Q^2, c = a M^2
