@@ -53,7 +53,7 @@ fixtures:  # regenerate tests/fixtures from the reference implementations (needs
 	$(PYTHON) tests/reference/generate_latte.py  # after generate_pixart and t5: reuses their writers and tiny T5
 	$(PYTHON) tests/reference/generate_cogvideox.py  # after t5: reuses the tiny T5 and tokenizer
 	$(PYTHON) tests/reference/generate_mochi.py
-	$(PYTHON) tests/reference/generate_mochi_pipeline.py  # after generate_mochi, t5, pixart: reuses their files; keeps genmo_fullsize.json (--genmo-src DIR rewrites it)
+	$(PYTHON) tests/reference/generate_mochi_pipeline.py  # after mochi and t5: reuses their files (--genmo-src DIR: see it)
 
 train-tiny:  # retrain an embedded model, weights/$(MODEL): flux-tiny (28 min + 1.5 to export and measure) or dit-tiny (25)
 	$(PYTHON) -m minidit.train_tiny --model $(MODEL)
