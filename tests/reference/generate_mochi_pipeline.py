@@ -19,7 +19,8 @@ It writes, under tests/fixtures/mochi_pipeline/ (the run is deterministic):
                            written from them (`hub_to_genmo`), so the committed folder holds each weight once.
     reference.safetensors  scheduler cases: MochiPipeline's sigmas and timesteps at several step counts, and every
                            step() on its own random sample and model output, in float32 and through bf16 latents;
-                           MochiPipeline's final latents (output_type="latent") for PIPELINE_CASES
+                           MochiPipeline's final latents (output_type="latent") for PIPELINE_CASES in fp32, and
+                           for BF16_CASE in bf16 too
     genmo_fullsize.json    genmo's AsymmDiTJoint built on the meta device with the official arguments (its
                            pipelines.py): key names and shapes (879) and the parameter count. Written only with
                            --genmo-src DIR (a checkout of github.com/genmoai/mochi, whose code is on no package index;
@@ -94,6 +95,7 @@ PIPELINE_CASES = {
 }
 PIPELINE_STEPS = 3
 PIPELINE_SEED = 0
+BF16_CASE = "variant/small"  # also run in bf16, the dtype of a GPU run (minidit's default there)
 
 # scheduler cases: step counts (64 is MochiPipeline's default; 1 fails in the pipeline itself: N // 2 = 0)
 SCHEDULER_STEPS = (2, 3, 4, 28, 64)
@@ -275,16 +277,15 @@ def reference_scheduler(steps: int) -> dict[str, torch.Tensor]:
 
 # ---- the pipeline -------------------------------------------------------------------------------------------------
 
-def reference_pipeline(case: str, folder: Path) -> torch.Tensor:
-    """MochiPipeline's final latents (output_type="latent"), in fp32 on the CPU, from `folder` assembled for the
-    case's layout; the bf16 variant read as diffusers reads it (variant="bf16"), upcast to fp32. No VAE: the
-    latents are returned before it."""
+def reference_pipeline(case: str, folder: Path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """MochiPipeline's final latents (output_type="latent"), on the CPU in `dtype` (every component, as
+    from_pretrained(torch_dtype=...) runs it), from `folder` assembled for the case's layout; the bf16 variant read
+    as diffusers reads it (variant="bf16"). No VAE: the latents are returned before it."""
     layout, height, width, frames, guidance = PIPELINE_CASES[case]
     diffusers = tools.quiet_diffusers()
     transformer = diffusers.MochiTransformer3DModel.from_pretrained(
-        folder / "transformer", dtype=torch.float32, variant="bf16" if layout == "variant" else None)
-    pipe = diffusers.MochiPipeline.from_pretrained(folder, transformer=transformer.eval(), vae=None,
-                                                   dtype=torch.float32)
+        folder / "transformer", dtype=dtype, variant="bf16" if layout == "variant" else None)
+    pipe = diffusers.MochiPipeline.from_pretrained(folder, transformer=transformer.eval(), vae=None, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(PIPELINE_SEED)
     import warnings
@@ -328,6 +329,8 @@ def main() -> None:
         folders = {layout: assemble(layout, Path(tmp) / layout) for layout in ("variant", "hub")}
         for case, (layout, *_) in PIPELINE_CASES.items():
             tensors[f"pipeline/{case}/latents"] = reference_pipeline(case, folders[layout]).contiguous()
+        bf16 = reference_pipeline(BF16_CASE, folders["variant"], torch.bfloat16)
+        tensors[f"pipeline/{BF16_CASE}/latents_bf16"] = bf16.contiguous()
 
     if args.genmo_src is not None:
         tools.write_json(GENMO_FULLSIZE, genmo_fullsize_table(args.genmo_src))
