@@ -53,6 +53,7 @@ fixtures:  # regenerate tests/fixtures from the reference implementations (needs
 	$(PYTHON) tests/reference/generate_latte.py  # after generate_pixart and t5: reuses their writers and tiny T5
 	$(PYTHON) tests/reference/generate_cogvideox.py  # after t5: reuses the tiny T5 and tokenizer
 	$(PYTHON) tests/reference/generate_mochi.py
+	$(PYTHON) tests/reference/generate_mochi_pipeline.py  # after mochi and t5: reuses their files (--genmo-src DIR: see it)
 	$(PYTHON) tests/reference/generate_opensora.py  # after t5; needs OPENSORA_REPO=<a clone of hpcaitech/Open-Sora> and timm==0.9.16 (--no-deps)
 	$(PYTHON) tests/reference/generate_captions.py  # needs OPENSORA_REPO too, and ftfy and beautifulsoup4 (the reference extra)
 

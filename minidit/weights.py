@@ -146,25 +146,41 @@ def load_file(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, t
     return {key: cast(tensor) for key, tensor in sd.items()}
 
 
-def find_weights(folder: str | Path) -> Path:
-    """The weight file (or shard index) of a component folder, safetensors preferred over `.bin`."""
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The names a component's weights may have, in order of preference: safetensors before `.bin`, an index before
+    a single file. A variant (diffusers' `variant="bf16"`) puts its name before the extension: the shards
+    `diffusion_pytorch_model.bf16-00001-of-00003.safetensors`, their index
+    `diffusion_pytorch_model.safetensors.index.bf16.json`."""
+    tag = f".{variant}" if variant else ""
+    return [folder / f for ext in (".safetensors", ".bin") for name in WEIGHT_NAMES
+            for f in (f"{name}{ext}.index{tag}.json", f"{name}{tag}{ext}")]
+
+
+def has_weights(folder: str | Path, variant: str | None = None) -> bool:
+    """Whether a component folder holds weights (of `variant`, None = the full-precision files)."""
+    return any(f.is_file() for f in _weight_files(Path(folder), variant))
+
+
+def find_weights(folder: str | Path, variant: str | None = None) -> Path:
+    """The weight file (or shard index) of a component folder, safetensors preferred over `.bin`; `variant` picks
+    diffusers' variant files (e.g. "bf16") instead of the full-precision ones."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MiniditError(f"{folder} does not exist: pass a folder in the Hub layout with --weights DIR")
-    for ext in (".safetensors", ".bin"):
-        for name in WEIGHT_NAMES:
-            for candidate in (folder / f"{name}{ext}.index.json", folder / f"{name}{ext}"):
-                if candidate.is_file():
-                    return candidate
-    raise MiniditError(f"{folder} holds no weights (expected e.g. diffusion_pytorch_model.safetensors or a "
-                       f"*.safetensors.index.json with its shards)")
+    for candidate in _weight_files(folder, variant):
+        if candidate.is_file():
+            return candidate
+    example = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
+    raise MiniditError(f"{folder} holds no {variant + ' ' if variant else ''}weights (expected e.g. {example} or a "
+                       f"*.safetensors.index{'.' + variant if variant else ''}.json with its shards)")
 
 
-def load_folder(folder: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a component folder: a single file, or the shards listed by its index.json; floating
-    tensors cast to `dtype` as they are read (see `load_file`)."""
-    path = find_weights(folder)
-    if not path.name.endswith(".index.json"):
+def load_folder(folder: str | Path, dtype: torch.dtype | None = None, variant: str | None = None
+                ) -> dict[str, torch.Tensor]:
+    """All tensors of a component folder (of `variant`, see `find_weights`): a single file, or the shards listed by
+    its index.json; floating tensors cast to `dtype` as they are read (see `load_file`)."""
+    path = find_weights(folder, variant)
+    if ".index" not in path.name:
         return load_file(path, dtype)
     index = read_json(path)
     weight_map: dict[str, str] = index.get("weight_map", {})

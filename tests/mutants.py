@@ -42,6 +42,10 @@ MOCHI = "minidit/models/mochi.py"
 OPENSORA, RFLOW = "minidit/models/opensora.py", "minidit/schedulers/rflow.py"
 OPENSORA_TESTS = ("tests/test_opensora.py",)
 OPENSORA_RECIPE, OPENSORA_PIPELINE_TESTS = "minidit/pipelines/opensora.py", ("tests/test_opensora_pipeline.py",)
+MOCHI_RECIPE, FLOW = "minidit/pipelines/mochi.py", "minidit/schedulers/flow.py"
+MOCHI_PIPELINE = "tests/test_mochi_pipeline.py"
+GENMO_TESTS = (f"{MOCHI_PIPELINE}::test_genmo_table_is_the_inverse",
+               f"{MOCHI_PIPELINE}::test_genmo_file_equals_the_hub_layout")
 CAPTURES = "tests/test_capture_points.py"
 FLUX_PIPELINE = "minidit/pipelines/flux.py"
 
@@ -378,6 +382,55 @@ MUTANTS = [
     Mutant("opensora-latent-frames-ceil", "Open-Sora latent frames as ceil(F / 17) * 5 (51 -> 15, 17 -> 5, 20 -> 10)", (
         edit(OPENSORA_RECIPE, "return chunks * LATENT_FRAMES_PER_CHUNK + -(-rest // 4)",
              "return -(-frames // FRAMES_PER_CHUNK) * LATENT_FRAMES_PER_CHUNK"),), OPENSORA_PIPELINE_TESTS),
+
+    # ---- Mochi's sampler, checkpoint layouts and recipe (tests/test_mochi_pipeline.py)
+    Mutant("mochi-threshold", "Mochi's linear-quadratic schedule with threshold 0.05 instead of 0.025", (
+        edit(FLOW, "MOCHI_THRESHOLD = 0.025", "MOCHI_THRESHOLD = 0.05"),),
+        (f"{MOCHI_PIPELINE}::test_scheduler_matches_reference",)),
+    Mutant("mochi-quadratic-coefficient", "Mochi's schedule: the linear coefficient without the factor 2 on d", (
+        edit(FLOW, "b = threshold / linear - 2 * d / quadratic**2", "b = threshold / linear - d / quadratic**2"),),
+        (f"{MOCHI_PIPELINE}::test_scheduler_matches_reference",)),
+    Mutant("mochi-timestep-not-inverted", "Mochi fed t = 1000 sigma (the usual flow convention) instead of "
+           "1000 (1 - sigma)", (
+        edit(FLOW, "self._timesteps = grid * n", "self._timesteps = self._sigmas * n"),),
+        (f"{MOCHI_PIPELINE}::test_scheduler_matches_reference", f"{MOCHI_PIPELINE}::test_pipeline_final_latents")),
+    Mutant("mochi-inverted-grid-ends-in-0", "Mochi's inverted grid closed with 0 instead of 1 (the last step goes "
+           "backwards)", (
+        edit(FLOW, "grid, end = 1.0 - self._sigmas, torch.ones(1)", "grid, end = 1.0 - self._sigmas, torch.zeros(1)"),),
+        (f"{MOCHI_PIPELINE}::test_scheduler_matches_reference",)),
+    Mutant("mochi-genmo-swiglu-not-swapped", "genmo file: the SwiGLU halves of mlp_x.w1 loaded without the swap", (
+        edit(MOCHI, '"blocks.{b}.mlp_x.w1.weight": swap_halves("transformer_blocks.{b}.ff.net.0.proj.weight"),',
+             '"blocks.{b}.mlp_x.w1.weight": "transformer_blocks.{b}.ff.net.0.proj.weight",'),),
+        GENMO_TESTS),
+    Mutant("mochi-genmo-text-swiglu-not-swapped", "genmo file: the text stream's mlp_y.w1 loaded without the swap", (
+        edit(MOCHI, '"blocks.{i}.mlp_y.w1.weight": swap_halves("transformer_blocks.{i}.ff_context.net.0.proj.weight"),',
+             '"blocks.{i}.mlp_y.w1.weight": "transformer_blocks.{i}.ff_context.net.0.proj.weight",'),),
+        GENMO_TESTS),
+    Mutant("mochi-genmo-final-not-swapped", "genmo file: final_layer.mod's (shift, scale) loaded without the swap", (
+        edit(MOCHI, '"final_layer.mod": swap_halves("norm_out.linear"),', '"final_layer.mod": "norm_out.linear",'),),
+        GENMO_TESTS),
+    Mutant("mochi-genmo-qkv-order", "genmo file: the visual qkv_x split as (k, q, v)", (
+        edit(MOCHI, 'split("transformer_blocks.{b}.attn1.to_{}.weight", "q", "k", "v")',
+             'split("transformer_blocks.{b}.attn1.to_{}.weight", "k", "q", "v")'),),
+        GENMO_TESTS),
+    Mutant("mochi-variant-preferred", "Mochi reads the bf16 variant even where the fp32 files are there", (
+        edit(MOCHI, "    if weights.has_weights(folder):\n",
+             "    if weights.has_weights(folder) and not weights.has_weights(folder, VARIANT):\n"),),
+        (f"{MOCHI_PIPELINE}::test_bf16_variant",)),
+    Mutant("mochi-prompt-lower-cased", "Mochi's prompt lower-cased and stripped as PixArt's and Latte's are", (
+        edit(MOCHI_RECIPE, "self.device, clean=False)", "self.device, clean=True)"),),
+        (f"{MOCHI_PIPELINE}::test_pipeline_final_latents",)),
+    Mutant("mochi-transformer-without-text-mask", "Mochi's transformer given no text mask (padding attended)", (
+        edit(MOCHI_RECIPE, "v = self.model(batch, text, timestep, mask).float()",
+             "v = self.model(batch, text, timestep, torch.ones_like(mask)).float()"),),
+        (f"{MOCHI_PIPELINE}::test_pipeline_final_latents",)),
+    Mutant("mochi-guidance-reversed", "Mochi's guidance with the halves taken as [cond; uncond]", (
+        edit(MOCHI_RECIPE, "v = recipe.guided(*v.chunk(2), guidance)",
+             "v = recipe.guided(*v.chunk(2)[::-1], guidance)"),),
+        (f"{MOCHI_PIPELINE}::test_pipeline_final_latents",)),
+    Mutant("mochi-temporal-factor-4", "Mochi's frames counted with CogVideoX's 4x temporal compression", (
+        edit(MOCHI_RECIPE, "VAE_SPATIAL, VAE_TEMPORAL = 8, 6", "VAE_SPATIAL, VAE_TEMPORAL = 8, 4"),),
+        (f"{MOCHI_PIPELINE}::test_pipeline_final_latents",)),
 ]
 
 

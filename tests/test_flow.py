@@ -173,7 +173,6 @@ def test_config_fields_equal_diffusers(config):
     ({"use_karras_sigmas": True}, "use_karras_sigmas"),
     ({"use_exponential_sigmas": True}, "use_exponential_sigmas"),
     ({"use_beta_sigmas": True}, "use_beta_sigmas"),
-    ({"invert_sigmas": True}, "invert_sigmas"),
     ({"shift_terminal": 0.1}, "shift_terminal"),
     ({"stochastic_sampling": True}, "stochastic_sampling"),
     ({"time_shift_type": "linear"}, "time_shift_type"),

@@ -2,10 +2,12 @@
 
 No paper: the model card https://huggingface.co/genmo/mochi-1-preview, and the official code genmoai/mochi
 (`src/genmo/mochi_preview/dit/joint_model/asymm_models_joint.py`, "AsymmDiTJoint"). Checkpoint: `genmo/mochi-1-preview`,
-`transformer/` in the diffusers layout (fp32 shards plus the index, and a bf16 variant), which is this module's
-attribute names: 1071 tensors, 10,027,677,744 parameters, 48 blocks of 24 heads x 128. The genmo single file
-`dit.safetensors` (its own key names, fused qkv, swapped SwiGLU and final-layer halves; checkpoints.md §8.5) is not
-read yet: it needs a rename table, a later step.
+`transformer/` in the diffusers layout (fp32 in five shards plus the index, or the bf16 variant: three shards
+`diffusion_pytorch_model.bf16-0000k-of-00003.safetensors` and `diffusion_pytorch_model.safetensors.index.bf16.json`),
+which is this module's attribute names: 1071 tensors, 10,027,677,744 parameters, 48 blocks of 24 heads x 128. Also
+genmo's single file `dit.safetensors` at the repository's root (fp32, 879 tensors: the names of genmo's AsymmDiTJoint),
+through the rename table GENMO_TO_HUB: fused qkv split in three, the SwiGLU halves and the final (shift, scale)
+swapped (checkpoints.md §8.5, diffusers' convert_mochi_to_diffusers.py).
 
 The model sees 2x2 patches of every latent frame (no temporal patching) and T5 tokens:
 - patch_embed: a 2x2 stride-2 convolution per latent frame, tokens frame-major (T, H/2, W/2);
@@ -47,6 +49,7 @@ from minidit.attention import AttentionLayer, attention, attention_output
 from minidit.errors import MiniditError
 from minidit.layers import MLPEmbedding, modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope
+from minidit.weights import split, swap_halves, weight_and_bias
 
 NORM_EPS = 1e-6  # the blocks' RMSNorms and the final LayerNorm
 QK_NORM_EPS = 1e-5  # the per-head RMSNorm of q and k
@@ -358,14 +361,82 @@ class MochiTransformer(nn.Module):
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 
-def load_mochi(folder: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-               device: str | torch.device = "cpu") -> MochiTransformer:
-    """Load from a Hub-layout `transformer/` folder (shards plus the index, or one file), cast to `dtype` as it is
-    read."""
-    folder = Path(folder)
-    cfg = MochiConfig.from_hub(weights.read_json(folder / "config.json"))
-    sd = weights.load_folder(folder, dtype)
+# genmo's dit.safetensors -> the Hub (diffusers) layout (a table for `weights.rename`). "{b}" is any block, "{i}" a
+# block that updates the text (all but the last), "{last}" the last block (its text: a scale, and K/V only).
+GENMO_TO_HUB = {
+    **weight_and_bias({
+        "x_embedder.proj": "patch_embed.proj",
+        "t_embedder.mlp.0": "time_embed.timestep_embedder.linear_1",
+        "t_embedder.mlp.2": "time_embed.timestep_embedder.linear_2",
+        "t5_y_embedder.to_kv": "time_embed.pooler.to_kv",
+        "t5_y_embedder.to_q": "time_embed.pooler.to_q",
+        "t5_y_embedder.to_out": "time_embed.pooler.to_out",
+        "t5_yproj": "time_embed.caption_proj",
+        "blocks.{b}.mod_x": "transformer_blocks.{b}.norm1.linear",
+        "blocks.{i}.mod_y": "transformer_blocks.{i}.norm1_context.linear",
+        "blocks.{last}.mod_y": "transformer_blocks.{last}.norm1_context.linear_1",
+        "blocks.{b}.attn.proj_x": "transformer_blocks.{b}.attn1.to_out.0",
+        "blocks.{i}.attn.proj_y": "transformer_blocks.{i}.attn1.to_add_out",
+        "final_layer.mod": swap_halves("norm_out.linear"),  # NOTE(official): genmo (shift, scale), here (scale, shift)
+        "final_layer.linear": "proj_out",
+    }),
+    "pos_frequencies": "pos_frequencies",
+    "blocks.{b}.attn.qkv_x.weight": split("transformer_blocks.{b}.attn1.to_{}.weight", "q", "k", "v"),
+    "blocks.{b}.attn.qkv_y.weight": split("transformer_blocks.{b}.attn1.add_{}_proj.weight", "q", "k", "v"),
+    "blocks.{b}.attn.q_norm_x.weight": "transformer_blocks.{b}.attn1.norm_q.weight",
+    "blocks.{b}.attn.k_norm_x.weight": "transformer_blocks.{b}.attn1.norm_k.weight",
+    "blocks.{b}.attn.q_norm_y.weight": "transformer_blocks.{b}.attn1.norm_added_q.weight",
+    "blocks.{b}.attn.k_norm_y.weight": "transformer_blocks.{b}.attn1.norm_added_k.weight",
+    # NOTE(official): genmo's w1 holds [the half through SiLU; the other], diffusers' [the other; the half through
+    # SiLU], so the halves swap
+    "blocks.{b}.mlp_x.w1.weight": swap_halves("transformer_blocks.{b}.ff.net.0.proj.weight"),
+    "blocks.{b}.mlp_x.w2.weight": "transformer_blocks.{b}.ff.net.2.weight",
+    "blocks.{i}.mlp_y.w1.weight": swap_halves("transformer_blocks.{i}.ff_context.net.0.proj.weight"),
+    "blocks.{i}.mlp_y.w2.weight": "transformer_blocks.{i}.ff_context.net.2.weight",
+}
+COMFY_PREFIX = "model.diffusion_model."  # ComfyUI-style repacks of the genmo file
+GENMO_FILE = "dit.safetensors"  # at the root of genmo/mochi-1-preview
+VARIANT = "bf16"  # the Hub's half-size copy of transformer/ (what `--model mochi` downloads)
+
+
+def genmo_blocks(cfg: MochiConfig) -> dict[str, range]:
+    """The block indices of GENMO_TO_HUB's "{b}", "{i}" and "{last}"."""
+    last = cfg.num_layers - 1
+    return {"b": range(cfg.num_layers), "i": range(last), "last": range(last, last + 1)}
+
+
+def genmo_to_hub(sd: dict[str, torch.Tensor], cfg: MochiConfig) -> dict[str, torch.Tensor]:
+    """A genmo state dict in the Hub layout (every key checked: none missing, none unknown)."""
+    sd = {k.removeprefix(COMFY_PREFIX): v for k, v in sd.items()}
+    return weights.rename(sd, GENMO_TO_HUB, blocks=genmo_blocks(cfg), source="the genmo Mochi file")
+
+
+def hub_variant(folder: Path) -> str | None:
+    """Which files of a Hub-layout `transformer/` folder to read: the full-precision ones (None) where present, else
+    the bf16 variant; a MiniditError when it has neither."""
+    if weights.has_weights(folder):
+        return None
+    if weights.has_weights(folder, VARIANT):
+        return VARIANT
+    raise MiniditError(f"{folder} holds no Mochi transformer weights: expected the fp32 shards "
+                       f"(diffusion_pytorch_model-0000k-of-00005.safetensors and their index) or the bf16 variant "
+                       f"(diffusion_pytorch_model.bf16-0000k-of-00003.safetensors and "
+                       f"diffusion_pytorch_model.safetensors.index.bf16.json)")
+
+
+def load_mochi(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               config: MochiConfig | None = None) -> MochiTransformer:
+    """Load from a Hub-layout `transformer/` folder (the fp32 shards plus the index, else the bf16 variant; cast to
+    `dtype` as they are read), or from genmo's single file `dit.safetensors` (which has no config.json: `config`,
+    else the official one)."""
+    path = Path(path)
+    if path.is_file():
+        cfg = config or PRESETS["mochi-1-preview"]
+        sd = genmo_to_hub(weights.load_file(path, dtype), cfg)
+    else:
+        cfg = MochiConfig.from_hub(weights.read_json(path / "config.json"))
+        sd = weights.load_folder(path, dtype, variant=hub_variant(path))
     with torch.device("meta"):
         model = MochiTransformer(cfg)
-    weights.load_into(model, sd, dtype=dtype, device=device, source=str(folder))
+    weights.load_into(model, sd, dtype=dtype, device=device, source=str(path))
     return model.eval()

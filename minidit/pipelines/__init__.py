@@ -12,7 +12,8 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "weights"
 RECIPES = {"dit": "minidit.pipelines.dit:DiTRecipe", "pixart": "minidit.pipelines.pixart:PixArtRecipe",
            "sd3": "minidit.pipelines.sd3:SD3Recipe", "flux": "minidit.pipelines.flux:FluxRecipe",
            "latte": "minidit.pipelines.latte:LatteRecipe", "cogvideox": "minidit.pipelines.cogvideox:CogVideoXRecipe",
-           "opensora": "minidit.pipelines.opensora:OpenSoraRecipe"}
+           "opensora": "minidit.pipelines.opensora:OpenSoraRecipe",
+           "mochi": "minidit.pipelines.mochi:MochiRecipe"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ _DEEPFLOYD_T5 = Part("text_encoder", "DeepFloyd/t5-v1_1-xxl",
                       "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                       "pytorch_model.bin.index.json"))
 
+# Mochi: the transformer's bf16 variant (20 GB; the fp32 files are 40 GB and give the same values in a bf16 run), T5,
+# and only the VAE's config (no VAE yet); genmo's root files (dit.safetensors, the VAE halves) are not fetched
+_MOCHI_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "vae/config.json",
+                "transformer/config.json", "transformer/diffusion_pytorch_model.bf16-*-of-*.safetensors",
+                "transformer/diffusion_pytorch_model.safetensors.index.bf16.json", *_weights("text_encoder", "model"))
+
 # flux-tiny's default prompts: captions of its training data (minidit/tiny/shapes.py), every shape once
 FLUX_TINY_PROMPTS = (
     "a red circle on a black background",
@@ -118,6 +125,8 @@ MODELS = {spec.name: spec for spec in [
     ModelSpec("opensora", "opensora", "hpcai-tech/OpenSora-STDiT-v3", _OPENSORA_FILES,
               "Open-Sora 1.2 (STDiT3) text-to-video, 51 frames at 240x426, T5-XXL (gated: needs a Hub token), "
               "spatial and temporal attention", folder="transformer", parts=(_DEEPFLOYD_T5,)),
+    ModelSpec("mochi", "mochi", "genmo/mochi-1-preview", _MOCHI_FILES,
+              "Mochi 1 preview text-to-video, 19 frames at 480x848, T5-XXL, asymmetric joint attention (bf16 weights)"),
 ]}
 ALIASES = {"dit": "dit-xl-256", "pixart": "pixart-1024", "flux": "flux-dev", "cogvideox": "cogvideox-5b"}
 

@@ -32,6 +32,7 @@ from minidit.text.t5_tokenizer import T5Tokenizer
 
 DEFAULT_T5_LENGTH = 226  # CogVideoXPipeline's max_sequence_length
 
+
 def dynamic_guidance(guidance: float, t: int, num_steps: int) -> float:
     """The pipeline's use_dynamic_cfg: 1 + g (1 - cos(pi ((N - t) / N)^5)) / 2.
 
@@ -39,16 +40,6 @@ def dynamic_guidance(guidance: float, t: int, num_steps: int) -> float:
     number for most steps and the scale oscillates between 1 and 1 + g rather than rising smoothly.
     """
     return 1 + guidance * ((1 - math.cos(math.pi * ((num_steps - t) / num_steps) ** 5.0)) / 2)
-
-
-def video_frames(frames: int | None, default: int, temporal: int, name: str) -> int:
-    """--frames (the model's `default` where not given): temporal k + 1 frames, k >= 0."""
-    frames = default if frames is None else frames
-    if frames < 1 or (frames - 1) % temporal:
-        examples = ", ".join(str(temporal * k + 1) for k in range(4))
-        raise MiniditError(f"--frames must be {temporal}k+1 for {name} ({examples}, ...; default {default}), got "
-                           f"{frames}: its VAE compresses {temporal} frames into one latent frame after the first")
-    return frames
 
 
 class CogVideoXRecipe:
@@ -75,7 +66,7 @@ class CogVideoXRecipe:
         self.vae_temporal = vae.get("temporal_compression_ratio", 4)
         self.tokenizer = T5Tokenizer(folder / "tokenizer")
         self.text_encoder = load_t5(folder / "text_encoder", dtype=recipe.t5_dtype(dtype), device=device)
-        self.frames = video_frames(frames, cfg.sample_frames, self.vae_temporal, self.name)
+        self.frames = recipe.video_frames(frames, cfg.sample_frames, self.vae_temporal, self.name)
         height = cfg.sample_height * self.vae_scale if height is None else height  # 480 x 720 by default
         width = cfg.sample_width * self.vae_scale if width is None else width
         self.resolution = recipe.image_size(height, width, 0, self.vae_scale * cfg.patch_size, self.name)

@@ -1,5 +1,5 @@
 """The recipe contract, `Recipe`: all that analyze.py, the analysis engine and the API ask of a model family's
-recipe (dit.py, pixart.py, sd3.py, flux.py, latte.py, cogvideox.py: each has these members and inherits
+recipe (dit.py, pixart.py, sd3.py, flux.py, latte.py, cogvideox.py, mochi.py: each has these members and inherits
 nothing); then what they share."""
 
 from collections.abc import Callable, Iterable
@@ -83,6 +83,17 @@ def image_size(height: int | None, width: int | None, default: int, multiple: in
     return size
 
 
+def video_frames(frames: int | None, default: int, temporal: int, name: str) -> int:
+    """--frames (the model's `default` where not given): temporal k + 1 frames, k >= 0 (a causal video VAE keeps the
+    first frame and compresses every `temporal` frames after it into one latent frame: CogVideoX 4, Mochi 6)."""
+    frames = default if frames is None else frames
+    if frames < 1 or (frames - 1) % temporal:
+        examples = ", ".join(str(temporal * k + 1) for k in range(4))
+        raise MiniditError(f"--frames must be {temporal}k+1 for {name} ({examples}, ...; default {default}), got "
+                           f"{frames}: its VAE compresses {temporal} frames into one latent frame after the first")
+    return frames
+
+
 def text_length(length: int | None, default: int, maximum: int | None, name: str) -> int:
     """--max-sequence-length (`default` where not given), from 1 to `maximum` tokens (None: no maximum)."""
     length = default if length is None else length
@@ -121,12 +132,12 @@ Encoding = tuple[torch.Tensor, ...]  # a prompt's text tensors, e.g. T5 states a
 Predict = Callable[[torch.Tensor, float], torch.Tensor]  # the backbone's output for latents x at scheduler time t
 
 
-def t5_with_mask(tokenizer, text_encoder, text: str, length: int, dtype: torch.dtype,
-                 device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """PixArt's and Latte's T5 input: the text lower-cased and stripped (what their pipelines' clean_caption does
-    without bs4 and ftfy), `length` tokens run with the attention mask. T5 states (1, Lt, 4096) in `dtype`, and the
-    mask (1, Lt)."""
-    ids, mask = tokenizer([text.lower().strip()], length)
+def t5_with_mask(tokenizer, text_encoder, text: str, length: int, dtype: torch.dtype, device: str | torch.device,
+                 *, clean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """PixArt's, Latte's and Mochi's T5 input: `length` tokens run with the attention mask, the text lower-cased and
+    stripped first with `clean` (what PixArt's and Latte's clean_caption does without bs4 and ftfy; Mochi's pipeline
+    uses the prompt as given). T5 states (1, Lt, 4096) in `dtype`, and the mask (1, Lt)."""
+    ids, mask = tokenizer([text.lower().strip() if clean else text], length)
     states = text_encoder(ids.to(device), mask.to(device))
     return states.to(dtype), mask.to(device)
 
@@ -150,7 +161,7 @@ def from_cache(cache: dict[str, Encoding], text: str, device: str | torch.device
     return encode(text)
 
 
-# default_prompts, parse_prompt (any text) and branches (of the batches below) of the text-to-image recipes
+# default_prompts, parse_prompt (any text) and branches (of the batches below) of the text-to-image and video recipes
 def text_prompts(self: Recipe) -> list[str]:
     return list(TEXT_PROMPTS)
 

@@ -1,5 +1,5 @@
 """Flow-matching Euler (rectified flow), as diffusers' FlowMatchEulerDiscreteScheduler is driven by the
-StableDiffusion3Pipeline (SD3) and the FluxPipeline (FLUX.1 dev and schnell).
+StableDiffusion3Pipeline (SD3), the FluxPipeline (FLUX.1 dev and schnell) and the MochiPipeline (Mochi 1 preview).
 
 The noisy sample is x_sigma = (1 - sigma) x0 + sigma eps, sigma from 1 (pure noise) to 0 (data); the model predicts
 the velocity v = eps - x0, and sampling is Euler on dx/dsigma = v over a decreasing list of noise levels
@@ -36,14 +36,28 @@ What `analyze.py --scheduler` means for each model (config from PRESETS, or the 
     flux-schnell   SD3-medium's config, "sd3"                       schnell's own config (shift 1.0), "flux":
                                                                     FluxPipeline (the default)
 
-The scheduler only hands out t = 1000 sigma; what the model is fed is the pipeline's business. NOTE(official):
+A third way, for Mochi 1 preview:
+  "mochi" what MochiPipeline passes: sigmas = `linear_quadratic_sigmas(N, 0.025)` (genmo's schedule, in float64, then
+         float32), shifted with `shift` (Mochi's config: 1.0, so unchanged); no dynamic shifting (the pipeline passes
+         no mu). Half the steps (N // 2) walk linearly from sigma 1 down to 1 - 0.025, the rest follow a parabola
+         in the step index that continues from there and would reach sigma 0 at i = N (the appended end), so most
+         steps are spent at high noise: with x = 1 - sigma, M = N // 2 and delta = 0.025,
+             x_i = i delta / M                           for i < M
+             x_i = a i^2 + b i + c                       for i >= M,  d = M - delta N, Q = N - M,
+             a = d / (M Q^2), b = delta / M - 2 d / Q^2, c = a M^2
+The config switch `invert_sigmas` (Mochi's config has it on; diffusers says only Mochi needs it) inverts the grid
+after the shift: the scheduler walks s = 1 - sigma upwards from 0 and appends 1, not 0, and hands out
+t = 1000 s = 1000 (1 - sigma). NOTE(official): Mochi's model takes t = 0 at pure noise, and its output is the
+velocity towards the data (x0 - eps), so the same Euler line x <- x + (s_{i+1} - s_i) v moves towards the data.
+`sigmas` stays the true noise level (1 at the start), for the manifest; `noise_levels` is the grid the step walks.
+
+The scheduler only hands out t; what the model is fed is the pipeline's business. NOTE(official):
 StableDiffusion3Pipeline passes t as float32; FluxPipeline casts t to the latents' dtype and divides by 1000 (so in
 bf16 the FLUX model sees bf16-rounded timesteps), and the FLUX model multiplies by 1000 again.
 
 Numerics follow diffusers 0.42.1 operation by operation (float64 numpy for the "sd3" grid, float32 numpy for the
 "flux" grid, float32 torch for the step), so sigmas, timesteps and every step agree to the bit. Refused with a
-MiniditError: Karras / exponential / beta sigmas, invert_sigmas (Mochi), shift_terminal, the "linear" time shift,
-stochastic sampling.
+MiniditError: Karras / exponential / beta sigmas, shift_terminal, the "linear" time shift, stochastic sampling.
 """
 
 import math
@@ -54,14 +68,14 @@ import torch
 
 from minidit.errors import MiniditError
 
-SCHEDULES = ("sd3", "flux")
+SCHEDULES = ("sd3", "flux", "mochi")
+MOCHI_THRESHOLD = 0.025  # MochiPipeline's threshold_noise: x = 1 - sigma where the linear part of its schedule ends
 PIXELS_PER_TOKEN = 16  # the VAE's 8x downsampling, then 2x2 patches (SD3) or 2x2 packing (FLUX)
 # diffusers options minidit does not implement, with the value (diffusers' default) that turns each one off
 TURNED_OFF = {
     "use_karras_sigmas": False,
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
-    "invert_sigmas": False,
     "shift_terminal": None,
     "stochastic_sampling": False,
     "time_shift_type": "exponential",
@@ -79,6 +93,7 @@ class FlowMatchConfig:
     max_shift: float = 1.15
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
+    invert_sigmas: bool = False  # walk 1 - sigma (Mochi): see the module docstring
 
     def __post_init__(self):
         if self.num_train_timesteps < 1 or self.shift <= 0:
@@ -126,6 +141,19 @@ def flux_mu(image_seq_len: int, cfg: FlowMatchConfig) -> float:
     return image_seq_len * slope + (cfg.base_shift - slope * cfg.base_image_seq_len)
 
 
+def linear_quadratic_sigmas(num_steps: int, threshold: float = MOCHI_THRESHOLD) -> list[float]:
+    """Mochi's N sigmas from 1 down (Python floats): linear in x = 1 - sigma for N // 2 steps up to `threshold`, then
+    quadratic (formulas in the module docstring), in the reference's order of operations."""
+    linear = num_steps // 2
+    quadratic = num_steps - linear
+    d = linear - threshold * num_steps
+    a = d / (linear * quadratic**2)
+    b = threshold / linear - 2 * d / quadratic**2
+    c = a * linear**2
+    x = [i * threshold / linear for i in range(linear)] + [a * i**2 + b * i + c for i in range(linear, num_steps)]
+    return [1.0 - xi for xi in x]
+
+
 def image_seq_len(height: int, width: int) -> int:
     """The number of image tokens of an H x W (pixels) image, for SD3 and FLUX alike."""
     return (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
@@ -150,6 +178,11 @@ class FlowMatchEuler:
             raise MiniditError(f"flow-matching Euler needs at least 1 step, got {num_steps}")
         if schedule not in SCHEDULES:
             raise MiniditError(f"unknown flow-matching schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+        if schedule == "mochi" and num_steps < 2:  # NOTE(official): MochiPipeline divides by N // 2
+            raise MiniditError(f"Mochi's linear-quadratic schedule needs at least 2 steps, got {num_steps}")
+        if schedule == "mochi" and cfg.use_dynamic_shifting:
+            raise MiniditError("Mochi's schedule has no resolution-dependent shift (MochiPipeline passes no mu): "
+                               "use a scheduler config with use_dynamic_shifting false")
         self.cfg, self.num_steps, self.schedule = cfg, num_steps, schedule
         self.mu = None
         if cfg.use_dynamic_shifting:
@@ -162,21 +195,28 @@ class FlowMatchEuler:
         if schedule == "sd3":
             sigma_max, sigma_min = training_sigma_range(cfg)
             base = np.linspace(sigma_max * n, sigma_min * n, num_steps) / n  # float64
-        else:
+        elif schedule == "flux":
             base = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+        else:
+            base = np.array(linear_quadratic_sigmas(num_steps)).astype(np.float32)
         shifted = time_shift(self.mu, base) if cfg.use_dynamic_shifting else shift_sigma(base, cfg.shift)
-        sigmas = torch.from_numpy(shifted).to(torch.float32)
-        self._timesteps = sigmas * n  # float32, what diffusers' scheduler.timesteps holds
-        self.noise_levels = torch.cat([sigmas, torch.zeros(1)])  # (N + 1,) float32, ending in 0
+        self._sigmas = torch.from_numpy(shifted).to(torch.float32)
+        if cfg.invert_sigmas:  # Mochi: walk s = 1 - sigma from 0 up to an appended 1
+            grid, end = 1.0 - self._sigmas, torch.ones(1)
+        else:
+            grid, end = self._sigmas, torch.zeros(1)
+        self._timesteps = grid * n  # float32, what diffusers' scheduler.timesteps holds
+        self.noise_levels = torch.cat([grid, end])  # (N + 1,) float32: diffusers' scheduler.sigmas
 
     @property
     def sigmas(self) -> list[float]:
-        """sigma_0 .. sigma_{N-1} (without the final 0), the float32 values as Python floats."""
-        return self.noise_levels[:-1].tolist()
+        """The noise levels sigma_0 .. sigma_{N-1} (1 = pure noise; without the final 0), float32 values as Python
+        floats (with invert_sigmas too: the levels before the inversion)."""
+        return self._sigmas.tolist()
 
     @property
     def timesteps(self) -> list[float]:
-        """t_i = 1000 sigma_i, the float32 values as Python floats."""
+        """t_i = 1000 sigma_i (with invert_sigmas: 1000 (1 - sigma_i)), the float32 values as Python floats."""
         return self._timesteps.tolist()
 
     def _index(self, t_index_or_t) -> int:
@@ -193,7 +233,7 @@ class FlowMatchEuler:
     def step(self, model_output: torch.Tensor, t_index_or_t, x: torch.Tensor) -> torch.Tensor:
         """One Euler step from sigma_i to sigma_{i+1}: i is given as an int, or as the timestep t_i (a float)."""
         i = self._index(t_index_or_t)
-        dt = self.noise_levels[i + 1] - self.noise_levels[i]  # float32, negative
+        dt = self.noise_levels[i + 1] - self.noise_levels[i]  # float32, negative (with invert_sigmas: positive)
         # NOTE(official): the sample is upcast to float32, dt * v stays in v's dtype, the sum is cast back to v's
         return (x.to(torch.float32) + dt * model_output).to(model_output.dtype)
 
