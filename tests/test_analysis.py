@@ -300,11 +300,29 @@ def test_a_video_is_saved_as_a_gif_and_a_frame_strip(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "000001.png")), np.concatenate(list(video[0, :3]), axis=1))
 
 
-@pytest.mark.parametrize("model", ["dit-tiny", "flux-tiny"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("large", [False, True])
-@pytest.mark.parametrize("prev_on_host", [False, True])
-def test_memory_rules_equal_what_the_recorder_holds(model, dtype, large, prev_on_host, monkeypatch):
+# Tiny video models for the memory rules: Mochi's text stream has its own width (A 1536-like, K and V the attention
+# width) and no A in the last block; Open-Sora's frames are folded into the batch
+MEMORY_FOLDERS = {"mochi": (ROOT / "tests" / "fixtures" / "mochi_pipeline" / "mochi-1-preview",
+                            {"frames": 7, "height": 32, "width": 32}),
+                  "opensora": (None, {"frames": 17, "height": 32, "width": 48})}
+
+
+MEMORY_CASES = [(model, dtype, large, on_host) for model in ("dit-tiny", "flux-tiny") for dtype in ("fp32", "bf16")
+                for large in (False, True) for on_host in (False, True)]
+MEMORY_CASES += [(model, "fp32", large, on_host) for model in MEMORY_FOLDERS for large in (False, True)
+                 for on_host in (False, True)] + [(model, "bf16", False, False) for model in MEMORY_FOLDERS]
+
+
+def tiny_video_backbone(model: str, dtype: str, tmp_path):
+    folder, options = MEMORY_FOLDERS[model]
+    if folder is None:
+        from test_opensora_pipeline import assembled_folder
+        folder = assembled_folder(tmp_path / "opensora")
+    return minidit.load_backbone(model, weights_dir=folder, dtype=dtype, **options)
+
+
+@pytest.mark.parametrize(("model", "dtype", "large", "prev_on_host"), MEMORY_CASES)
+def test_memory_rules_equal_what_the_recorder_holds(model, dtype, large, prev_on_host, monkeypatch, tmp_path):
     """minidit.analysis.memory.held_bytes, which computes the README's memory table from the shapes, gives the
     accelerator and host bytes a recorder reports after a real run (small captures grouped, or all large)."""
     from minidit.analysis import memory, recorder
@@ -312,7 +330,8 @@ def test_memory_rules_equal_what_the_recorder_holds(model, dtype, large, prev_on
     if large:
         monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", 0)
         monkeypatch.setattr(recorder, "CPU_CHUNK", 2000)  # flux-tiny: text captures in one chunk, image ones in 9
-    r = minidit.load_backbone(model, dtype=dtype)
+    r = tiny_video_backbone(model, dtype, tmp_path) if model in MEMORY_FOLDERS else minidit.load_backbone(model,
+                                                                                                         dtype=dtype)
     branches = r.branches(r.default_guidance)
     rec = recorder.Recorder(r.attention_layers(), branches=branches, num_steps=3, device="cpu",
                             prev_on_host=prev_on_host)
@@ -323,6 +342,31 @@ def test_memory_rules_equal_what_the_recorder_holds(model, dtype, large, prev_on
     itemsize = 2 if dtype == "bf16" else 4
     assert memory.held_bytes(captures, len(branches), itemsize, prev_on_host, cpu=True) == (rec.held_bytes,
                                                                                            rec.host_bytes)
+
+
+@pytest.mark.parametrize("model", MEMORY_FOLDERS)
+def test_memory_settings_count_the_captures_a_recorder_sees(model, tmp_path):
+    """memory.Setting.captures, which the README's table is computed from, lists the capture sizes a recorder sees
+    for the same shapes: Mochi's text A at its own width and none in the last block, Open-Sora's folded frames."""
+    from minidit.analysis import memory, recorder
+
+    r = tiny_video_backbone(model, "fp32", tmp_path)
+    rec = recorder.Recorder(r.attention_layers(), branches=r.branches(r.default_guidance), num_steps=2, device="cpu")
+    with rec.attach(r.model):
+        r.generate(r.default_prompts()[0], 0, r.make_scheduler(r.default_scheduler, 2), r.default_guidance)
+    rec.finish()
+    cfg, fields = r.model.config, r.manifest_fields()
+    frames, (height, width) = fields["frames"], fields["resolution"]
+    if model == "mochi":
+        setting = memory.Setting(model, "tiny", 0, cfg.num_layers, cfg.hidden_size,
+                                 {"img": ((frames - 1) // 6 + 1) * (height // 16) * (width // 16),
+                                  "txt": r.max_sequence_length}, 2, text_in_last=False,
+                                 text_width=cfg.pooled_projection_dim)
+    else:
+        from minidit.pipelines.opensora import latent_frames
+        setting = memory.Setting(model, "tiny", 0, 2 * cfg.depth, cfg.hidden_size,
+                                 {"img": latent_frames(frames) * -(-height // 16) * -(-width // 16)}, 2)
+    assert sorted(setting.captures()) == sorted(int(n) for n in rec.n.flatten() if n > 0)
 
 
 def test_the_readme_memory_table_is_the_computed_one():

@@ -62,12 +62,16 @@ def write_deepfloyd_t5(folder):
     (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 100, "model_max_length": 512}))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opensora") / "opensora"
+def assembled_folder(root):
+    """The tiny Open-Sora folder as minidit assembles it: transformer/ and text_encoder/."""
     shutil.copytree(G.FOLDER, root / "transformer")
     write_deepfloyd_t5(root / "text_encoder")
     return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return assembled_folder(tmp_path_factory.mktemp("opensora") / "opensora")
 
 
 def tiny_recipe(folder, **options) -> OpenSoraRecipe:
