@@ -6,6 +6,7 @@
     python analyze.py --model latte --device cuda --save-images   # Latte-1: 16 frames, GIFs and frame strips
     python analyze.py --model cogvideox --device cuda --prev-on-host --save-latents   # CogVideoX-5b, 49 frames
     python analyze.py --model mochi --device cuda --prev-on-host --save-latents   # Mochi 1 preview, 19 frames
+    python analyze.py --model opensora --device cuda --save-latents   # Open-Sora 1.2: 51 frames at 240x426
     python analyze.py --model dit-tiny --steps 20 --out runs/tiny-20
     python analyze.py --compare runs/flux-tiny-flux-28steps runs/flux-tiny-sd3-14steps --out runs/ablation
     python analyze.py --aggregate runs/flux-tiny-flux-28steps   # rebuild tables and figures from the records
@@ -49,12 +50,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                               "model's)")
     p.add_argument("--width", type=int, help="text-to-image and video models: width in pixels (default: the model's)")
     p.add_argument("--frames", type=int, help="video models: frames to generate (default: the model's: Latte 16, "
-                                              "CogVideoX 49, which must be 4k+1, Mochi 19, which must be 6k+1)")
+                                              "CogVideoX 49, which must be 4k+1, Mochi 19, which must be 6k+1, "
+                                              "Open-Sora 51, 1 or at least 17)")
     p.add_argument("--max-sequence-length", type=int, metavar="N",
                    help="text-conditioned models: T5 tokens per prompt (default: the pipeline's: PixArt and "
-                        "Latte 120, CogVideoX 226, SD3 and Mochi 256, FLUX.1-dev 512, schnell 256)")
+                        "Latte 120, CogVideoX 226, SD3 and Mochi 256, Open-Sora 300, FLUX.1-dev 512, "
+                        "schnell 256)")
     p.add_argument("--cross-attention", action="store_true", default=None,
-                   help="PixArt, Latte: also record the cross-attention layers (as extra layers of kind 'cross')")
+                   help="PixArt, Latte, Open-Sora: also record the cross-attention layers (as extra layers "
+                        "of kind 'cross')")
     p.add_argument("--dynamic-cfg", action="store_true", default=None,
                    help="CogVideoX: the pipeline's use_dynamic_cfg, a guidance scale that rises over the steps")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/MODEL-SCHEDULER-Nsteps)")
