@@ -147,9 +147,7 @@ class FluxRecipe:
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt (and, for true CFG, the negative prompt) once, then release CLIP and T5."""
         texts = prompts if self.distilled else [recipe.NEGATIVE_PROMPT, *prompts]
-        recipe.encode_once(self.embeddings, texts, self._encode, "CLIP + T5")
-        self.text_encoder = self.text_encoder_2 = None
-        torch.cuda.empty_cache()  # else the caching allocator keeps the encoders' memory
+        recipe.encode_and_release(self, texts, ("text_encoder", "text_encoder_2"), "CLIP + T5")
 
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,11 +93,7 @@ class MochiRecipe:
 
     default_prompts, parse_prompt = recipe.video_prompts, recipe.as_given  # VIDEO_PROMPTS; any text, as given
 
-    def prepare(self, prompts: list[str]) -> None:
-        """Encode every prompt (and the empty negative prompt) once, then release T5 to free its memory."""
-        recipe.encode_once(self.embeddings, [recipe.NEGATIVE_PROMPT, *prompts], self._encode, "T5")
-        self.text_encoder = None
-        torch.cuda.empty_cache()  # else the caching allocator keeps the encoder's memory
+    prepare = recipe.prepare_t5  # every prompt and "" encoded once, then T5 released
 
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:

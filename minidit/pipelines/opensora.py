@@ -100,9 +100,7 @@ class OpenSoraRecipe:
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt once, then release T5 to free its memory (19 GB in float32)."""
-        recipe.encode_once(self.embeddings, prompts, self._encode, "T5")
-        self.text_encoder = None
-        torch.cuda.empty_cache()  # else the caching allocator keeps the encoder's memory
+        recipe.encode_and_release(self, prompts)  # no negative prompt: the null caption is learned
 
     @torch.no_grad()
     def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -151,6 +151,21 @@ def encode_once(cache: dict[str, Encoding], texts: Iterable[str], encode: Callab
         cache[text] = tuple(v.cpu() for v in encode(text))
 
 
+def encode_and_release(self: Recipe, texts: list[str], encoders: tuple[str, ...] = ("text_encoder",),
+                       desc: str = "T5") -> None:
+    """prepare() of the text recipes: every text encoded once by the recipe's `_encode` into its `embeddings` (on the
+    host), then its text encoders (these attributes) released, so that only the backbone stays on the accelerator."""
+    encode_once(self.embeddings, texts, self._encode, desc)
+    for name in encoders:
+        setattr(self, name, None)
+    torch.cuda.empty_cache()  # else the caching allocator keeps the encoders' memory
+
+
+def prepare_t5(self: Recipe, prompts: list[str]) -> None:
+    """prepare() of the T5 recipes whose unconditional branch is the empty prompt (PixArt, Latte, CogVideoX, Mochi)."""
+    encode_and_release(self, [NEGATIVE_PROMPT, *prompts])
+
+
 def from_cache(cache: dict[str, Encoding], text: str, device: str | torch.device, encode: Callable[[str], Encoding],
                released: bool) -> Encoding:
     """The cached encoding of `text` on `device`, or a fresh one when it was not prepared (the encoders are kept)."""

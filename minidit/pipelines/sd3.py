@@ -86,9 +86,8 @@ class SD3Recipe:
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt (and the empty negative prompt) once, then release the three text encoders."""
-        recipe.encode_once(self.embeddings, [recipe.NEGATIVE_PROMPT, *prompts], self._encode, "CLIP-L + bigG + T5")
-        self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
-        torch.cuda.empty_cache()  # else the caching allocator keeps the encoders' memory
+        recipe.encode_and_release(self, [recipe.NEGATIVE_PROMPT, *prompts],
+                                  ("text_encoder", "text_encoder_2", "text_encoder_3"), "CLIP-L + bigG + T5")
 
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
