@@ -167,6 +167,20 @@ def training_sigma_range(cfg: FlowMatchConfig) -> tuple[float, float]:
     return grid[0].item(), grid[-1].item()
 
 
+def step_index(timesteps: list[float], t_index_or_t, sampler: str) -> int:
+    """The step a scheduler's step() is asked for: an int index, or the float timestep itself (exactly one of
+    `timesteps`, as a pipeline that loops over them passes it)."""
+    if isinstance(t_index_or_t, int):
+        if not 0 <= t_index_or_t < len(timesteps):
+            raise MiniditError(f"{sampler} step index {t_index_or_t} is out of range 0..{len(timesteps) - 1}")
+        return t_index_or_t
+    hits = [i for i, t in enumerate(timesteps) if t == float(t_index_or_t)]
+    if len(hits) != 1:
+        raise MiniditError(f"timestep {float(t_index_or_t)!r} is not exactly one of this schedule's timesteps; "
+                           f"pass one of `timesteps` or the step index (an int)")
+    return hits[0]
+
+
 class FlowMatchEuler:
     name = "flow-euler"
 
@@ -219,20 +233,9 @@ class FlowMatchEuler:
         """t_i = 1000 sigma_i (with invert_sigmas: 1000 (1 - sigma_i)), the float32 values as Python floats."""
         return self._timesteps.tolist()
 
-    def _index(self, t_index_or_t) -> int:
-        if isinstance(t_index_or_t, int):
-            if not 0 <= t_index_or_t < self.num_steps:
-                raise MiniditError(f"flow-matching step index {t_index_or_t} is out of range 0..{self.num_steps - 1}")
-            return t_index_or_t
-        hits = [i for i, t in enumerate(self.timesteps) if t == float(t_index_or_t)]
-        if len(hits) != 1:
-            raise MiniditError(f"timestep {float(t_index_or_t)!r} is not exactly one of this schedule's timesteps; "
-                               f"pass one of `timesteps` or the step index (an int)")
-        return hits[0]
-
     def step(self, model_output: torch.Tensor, t_index_or_t, x: torch.Tensor) -> torch.Tensor:
         """One Euler step from sigma_i to sigma_{i+1}: i is given as an int, or as the timestep t_i (a float)."""
-        i = self._index(t_index_or_t)
+        i = step_index(self.timesteps, t_index_or_t, "flow-matching")
         dt = self.noise_levels[i + 1] - self.noise_levels[i]  # float32, negative (with invert_sigmas: positive)
         # NOTE(official): the sample is upcast to float32, dt * v stays in v's dtype, the sum is cast back to v's
         return (x.to(torch.float32) + dt * model_output).to(model_output.dtype)

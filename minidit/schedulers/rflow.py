@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from minidit.errors import MiniditError
+from minidit.schedulers.flow import step_index
 
 BASE_RESOLUTION = 512 * 512  # pixels at which the transform's space ratio is 1
 FRAMES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK = 17, 5  # NOTE(official): the VAE's temporal reduction, hard-coded
@@ -92,21 +93,10 @@ class RFlow:
         """t_i / 1000: the noise fraction of x at each step."""
         return self.noise_levels[:-1].tolist()
 
-    def _index(self, t_index_or_t) -> int:
-        if isinstance(t_index_or_t, int):
-            if not 0 <= t_index_or_t < self.num_steps:
-                raise MiniditError(f"RFlow step index {t_index_or_t} is out of range 0..{self.num_steps - 1}")
-            return t_index_or_t
-        hits = [i for i, t in enumerate(self.timesteps) if t == float(t_index_or_t)]
-        if len(hits) != 1:
-            raise MiniditError(f"timestep {float(t_index_or_t)!r} is not exactly one of this schedule's timesteps; "
-                               f"pass one of `timesteps` or the step index (an int)")
-        return hits[0]
-
     def step(self, model_output: torch.Tensor, t_index_or_t, x: torch.Tensor) -> torch.Tensor:
         """One Euler step from t_i to t_{i+1} (0 after the last): x + v (t_i - t_{i+1}) / 1000. model_output is the
         guided velocity (B, C, T, H, W); i is given as an int, or as the timestep t_i (a float)."""
-        i = self._index(t_index_or_t)
+        i = step_index(self.timesteps, t_index_or_t, "RFlow")
         t_next = self._timesteps[i + 1] if i + 1 < self.num_steps else None
         dt = (self._timesteps[i] if t_next is None else self._timesteps[i] - t_next) / self.cfg.num_timesteps
         # NOTE(official): the velocity is float32 (STDiT3 returns float32), so x becomes float32 after a step
