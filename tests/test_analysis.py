@@ -44,6 +44,7 @@ def float64_metrics(prev: torch.Tensor, cur: torch.Tensor) -> dict[str, float]:
             "cos_dist": 1 - ((cur * prev).sum() / (cur.square().sum() * prev.square().sum()).sqrt()).item()}
 
 
+@pytest.mark.any_cpu
 def test_summary_equals_float64_recomputation(tiny_dit, tmp_path):
     out = tmp_path / "run"
     result = run_cli("--model", "dit-tiny", "--weights", str(tiny_dit), "--steps", "6", "--out", str(out),
@@ -100,6 +101,7 @@ def test_grouped_and_one_by_one_reduction_agree(tiny_dit, monkeypatch, dtype, pr
     np.testing.assert_allclose(one_by_one, grouped, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.any_cpu
 def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 3) + "\n")
@@ -128,6 +130,7 @@ def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
     assert (killed / "cv.csv").read_bytes() == (whole / "cv.csv").read_bytes()
 
 
+@pytest.mark.any_cpu
 def test_cv_is_population_std_over_mean_and_every_prompt_counts(tiny_dit, tmp_path):
     out = tmp_path / "run"
     result = run_cli("--model", "dit-tiny", "--weights", str(tiny_dit), "--steps", "4", "--out", str(out),
@@ -225,6 +228,7 @@ PREV_ON_HOST_CASES = {
 }
 
 
+@pytest.mark.any_cpu
 @pytest.mark.parametrize(("case", "dtype"), [("dit-tiny", "fp32"), ("dit-tiny", "bf16"), ("latte", "bf16"),
                                              ("cogvideox", "fp32")])
 def test_prev_on_host_gives_the_same_sums(tiny_dit, monkeypatch, dtype, case):
@@ -252,6 +256,7 @@ def test_prev_on_host_gives_the_same_sums(tiny_dit, monkeypatch, dtype, case):
     assert 0 < staging < device_held  # two staging buffers per capture shape instead of every capture
 
 
+@pytest.mark.any_cpu
 def test_dit_xl_hub_layout_end_to_end(tmp_path):
     """`--model dit-xl-256 --weights DIR` on a tiny copy of the Hub layout (transformer, scheduler, vae)."""
     import shutil

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import LIVE, ROOT
 
@@ -39,6 +40,7 @@ def test_diffusers_loads_it_and_agrees():
         assert torch.equal(ours(x, t, y), ref(x, timestep=t, class_labels=y).sample)
 
 
+@pytest.mark.any_cpu
 def test_make_analyze_dit_tiny_writes_everything(tmp_path):
     """What `make analyze MODEL=dit-tiny` runs (analyze.py --model dit-tiny --resume --save-images), into a
     temporary --out."""

@@ -163,6 +163,7 @@ def test_heatmap_puts_layer_zero_on_top(flux, tmp_path):
     png_size(figures.heatmap(flux, "l1", tmp_path / "heat.png")[0])
 
 
+@pytest.mark.any_cpu
 def test_write_figures_standard_set(flux, tmp_path):
     written = figures.write_figures(flux, tmp_path / "figures")
     names = sorted(p.name for p in written)

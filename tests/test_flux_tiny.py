@@ -125,6 +125,7 @@ def run_analyze(tmp_path, *args) -> dict:
     return result
 
 
+@pytest.mark.any_cpu
 def test_the_scheduler_ablation_command(tmp_path):
     """`python analyze.py --steps 14 --scheduler sd3`, offline: flux-tiny, 8 captions, both streams and branches."""
     run_analyze(tmp_path, "--steps", "14", "--scheduler", "sd3")
@@ -141,6 +142,7 @@ def test_the_scheduler_ablation_command(tmp_path):
         assert sums.shape[:3] == (6, 2, 2) and np.isfinite(sums).all() and (sums[..., 0] > 0).all()
 
 
+@pytest.mark.any_cpu
 def test_make_analyze_default(tmp_path):
     """What `make analyze` runs (analyze.py --model flux-tiny --resume --save-images): 28 steps of FLUX.1-dev's
     schedule with true CFG, images, and figures of both streams."""

@@ -26,6 +26,7 @@ def analyze(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=600)
 
 
+@pytest.mark.any_cpu
 def test_flux_step_and_scheduler_ablation(tmp_path):
     common = ["--model", "flux", "--weights", str(FOLDER), "--num-prompts", "1", "--height", "128", "--width", "128"]
     runs = {}

@@ -110,6 +110,7 @@ def test_text_is_the_prompt_then_the_null_caption_with_its_mask(folder):
     assert r.branches(7.0) == ("cond", "uncond") and r.branches(1.0) == ("cond",)
 
 
+@pytest.mark.any_cpu
 def test_a_shorter_text_length_changes_nothing(folder):
     """--max-sequence-length below the model's 300 (here 24) but long enough for the prompt's tokens: the null
     caption, which takes the prompt's mask, is cut to the same rows; only padding goes."""

@@ -205,6 +205,7 @@ def test_fp16_backbone_runs_t5_in_bf16():
 
 # ---- the analysis, end to end ------------------------------------------------------------------------------
 
+@pytest.mark.any_cpu
 def test_analyze_pixart_end_to_end(tmp_path):
     """analyze.py on the Hub-layout folder: PixArt's 28 self-attention layers (and the 28 cross-attention ones on
     request), summary, cv, figures and images written."""
