@@ -313,6 +313,13 @@ MUTANTS = [
         edit(MOCHI, 'a_x = attention_output(self.to_out[0](out_x), layer=self.layer, streams="img")',
              'a_x = self.to_out[0](attention_output(out_x, layer=self.layer, streams="img"))'),),
         ("tests/test_mochi.py",)),
+    # the full-size key table (test_fullsize_on_meta) catches this too; run against the tiny weights alone, it shows
+    # that the tiny fixtures' text width (24) differs from their visual width (16)
+    Mutant("mochi-text-out-visual-width", "Mochi text stream's output projection to the visual width (to_out's "
+           "shape copied to to_add_out)", (
+        edit(MOCHI, "self.to_add_out = None if context_pre_only else nn.Linear(dim, text_dim)",
+             "self.to_add_out = None if context_pre_only else nn.Linear(dim, dim)"),),
+        ("tests/test_mochi.py::test_transformer_matches_reference",)),
     # ---- Open-Sora 1.2 (tests/test_opensora.py)
     Mutant("opensora-qk-norm-eps", "Open-Sora per-head q/k RMSNorm eps 1e-5, not LlamaRMSNorm's 1e-6", (
         edit(OPENSORA, "QK_NORM_EPS = 1e-6", "QK_NORM_EPS = 1e-5"),), OPENSORA_TESTS),

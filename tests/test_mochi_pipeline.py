@@ -38,7 +38,7 @@ from minidit.schedulers.flow import FlowMatchConfig, FlowMatchEuler, linear_quad
 
 G = reference_generator("generate_mochi_pipeline")
 M = G._MOCHI  # generate_mochi: the tiny transformer, its cases and their stored outputs
-MODEL_TOL = 2.6e-6  # the transformer against generate_mochi's stored outputs, as tests/test_mochi.py measured it
+MODEL_TOL = 3.8e-6  # the transformer against generate_mochi's stored outputs, as tests/test_mochi.py measured it
 # Live (in-process): 0 everywhere (bit-exact). Against the stored fixtures, the worst error per comparison
 # (tests/measure_tolerances.py, default/avx2/avx512; the fixture was written at avx512): sigmas and timesteps 0; the
 # float32 steps 3.93e-7 (default: x + dt v without a fused multiply-add), x 5; the steps that end in bf16 latents 0,
@@ -226,13 +226,13 @@ def test_missing_transformer_weights(tmp_path):
 # Final latents against MochiPipeline's, fp32. Not bit-exact even in process: for each batch row diffusers attends
 # over the visual and the valid text tokens only, minidit over all 256 text tokens with the padded ones masked (the
 # same attention; a longer masked reduction that rounds differently; with the text cut to its valid tokens the two
-# agree bit for bit). Worst error: live 4.67e-7; stored (tests/measure_tolerances.py, default/avx2/avx512; the fixture
-# was written at avx512) 5.52e-7 (default), x 5. A wrong threshold, timestep or shift moves the latents by > 1e-2:
-PIPELINE_TOL = 2.8e-6
-# The same in bf16: 1.40e-2 live and stored (avx512; torch's bf16 attention cannot run under the emulated default
+# agree bit for bit). Worst error: live 7.84e-7; stored (tests/measure_tolerances.py, default/avx2/avx512; the fixture
+# was written at avx512) 7.84e-7 (avx512), x 5. A wrong threshold, timestep or shift moves the latents by > 1e-2:
+PIPELINE_TOL = 4.0e-6
+# The same in bf16: 2.80e-2 live and stored (avx512; torch's bf16 attention cannot run under the emulated default
 # and avx2 capabilities here), x 5. Loose: it shows that the bf16 path runs and lands near MochiPipeline's, not which
 # bf16 rounding each operation does.
-PIPELINE_BF16_TOL = 7e-2
+PIPELINE_BF16_TOL = 1.4e-1
 LAYERS = 48
 
 

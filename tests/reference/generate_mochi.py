@@ -10,8 +10,9 @@ It writes, under tests/fixtures/mochi/ (the run is deterministic):
     mochi-1-preview/transformer/
                            the Hub's diffusers layout (checkpoints.md §8.1), tiny: fp32 shards plus the index, and
                            config.json in the Hub form (the §8.2 key set, 396 bytes at full size). The real depth
-                           (48 blocks, the last one context_pre_only) at width 16 (2 heads of 8), text width 16,
-                           T5 width 32, so that an analysis of the folder has the real model's layers.
+                           (48 blocks, the last one context_pre_only) at width 16 (2 heads of 8), text width 24
+                           (different, so that no test passes with one stream sized by the other's width), T5 width
+                           32, so that an analysis of the folder has the real model's layers.
     reference.safetensors  transformer cases (inputs and outputs: 1 to 5 latent frames, square and non-square grids,
                            padded text, timesteps 0 to 1000) and K/V/A captured inside diffusers' attention processor
     fullsize.json          the full-size transformer built by diffusers on the meta device: parameter count, key
@@ -51,8 +52,10 @@ HUB_TRANSFORMER = {
     "num_layers": 48, "out_channels": None, "patch_size": 2, "pooled_projection_dim": 1536, "qk_norm": "rms_norm",
     "text_embed_dim": 4096, "time_embed_dim": 256}
 HUB_SIZE = 396
-# tiny: width 16 (2 heads of 8), text stream 16, T5 width 32 (8 pooling heads of 4); the real depth and channels
-TINY = {"num_attention_heads": 2, "attention_head_dim": 8, "pooled_projection_dim": 16, "text_embed_dim": 32,
+# tiny: width 16 (2 heads of 8), text stream 24 (not 16, so that a text output projection, modulation or FFN (inner
+# 4 * 24 * 2 // 3 = 64, diffusers' rule) sized by the visual width fails), T5 width 32 (8 pooling heads of 4); the
+# real depth and channels
+TINY = {"num_attention_heads": 2, "attention_head_dim": 8, "pooled_projection_dim": 24, "text_embed_dim": 32,
         "time_embed_dim": 4, "max_sequence_length": 8}
 TRANSFORMER_SHARDS = 5  # the Hub's fp32 transformer/ has five shards
 
