@@ -26,7 +26,7 @@ test-portable:
 	NPY_DISABLE_CPU_FEATURES="$$($(PYTHON) -c "import numpy as np; m = getattr(np, '_core', None) or np.core; print(' '.join(m._multiarray_umath.__cpu_dispatch__))")" \
 	$(PYTHON) -m pytest -q -m "not any_cpu" $(ARGS)
 
-mutants:  # realistic one-point bugs that the stored-fixture tests must catch (not part of CI: about 6 minutes)
+mutants:  # realistic one-point bugs that the stored-fixture tests must catch (not part of CI: about 13 minutes)
 	$(PYTHON) -u tests/mutants.py $(ARGS)
 
 tolerances:  # the worst fixture error of every test under each CPU capability this machine offers (about 20 minutes)
