@@ -41,13 +41,15 @@ def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revi
 
     folder = Path(download_dir) / spec.name if download_dir is not None else Path(HF_HUB_CACHE) / "minidit" / spec.name
     folder.mkdir(parents=True, exist_ok=True)
-    for sub, repo, files, rev in [(spec.folder, spec.repo, spec.files, revision),
-                                  *[(part.folder, part.repo, part.files, None) for part in spec.parts]]:
+    local_copy = "where there is network, make the folder with " + " and ".join(
+        f"`hf download {repo} --local-dir DIR/{sub}`" for sub, repo in _repositories(spec)) + " and pass it"
+    for (sub, repo), files, rev in zip(_repositories(spec), [spec.files, *[part.files for part in spec.parts]],
+                                       [revision, *[None] * len(spec.parts)]):
         target = folder / sub
         if download_dir is not None:
-            weights.download(repo, revision=rev, allow_patterns=files, local_dir=target)
+            weights.download(repo, revision=rev, allow_patterns=files, local_dir=target, local_copy=local_copy)
             continue
-        snapshot = weights.download(repo, revision=rev, allow_patterns=files)
+        snapshot = weights.download(repo, revision=rev, allow_patterns=files, local_copy=local_copy)
         if target.is_symlink() or target.exists():
             if target.is_symlink() and target.resolve() == snapshot.resolve():
                 continue
@@ -58,13 +60,17 @@ def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revi
     return folder
 
 
+def _repositories(spec: ModelSpec) -> list[tuple[str, str]]:
+    """(sub-folder, repository) of each repository a model assembled from several needs, its own first."""
+    return [(spec.folder, spec.repo), *[(part.folder, part.repo) for part in spec.parts]]
+
+
 def _example(spec: ModelSpec) -> str:
     if spec.repo is None:
         return f"as {spec.embedded} is"
     if not spec.parts:
         return f"made by `hf download {spec.repo}`"
-    return "made by " + " and ".join(f"`hf download {repo} --local-dir DIR/{sub}`" for sub, repo in
-                                     [(spec.folder, spec.repo), *[(part.folder, part.repo) for part in spec.parts]])
+    return "made by " + " and ".join(f"`hf download {repo} --local-dir DIR/{sub}`" for sub, repo in _repositories(spec))
 
 
 def load_backbone(name: str = "dit-tiny", *, weights_dir: str | Path | None = None, revision: str | None = None,

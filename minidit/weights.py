@@ -30,9 +30,10 @@ SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 
 # ---- the Hub --------------------------------------------------------------------------------------------
 
 def download(repo_id: str, *, revision: str | None = None, allow_patterns: tuple[str, ...] = (),
-             local_dir: str | Path | None = None) -> Path:
+             local_dir: str | Path | None = None, local_copy: str | None = None) -> Path:
     """Fetch only the files of `repo_id` at `revision` that match `allow_patterns`; returns the snapshot folder.
 
+    `local_copy` says how to make the folder --weights takes instead (default: `hf download` of this repository).
     Where a folder offers both safetensors and `.bin` weights, only the safetensors are fetched. Files land
     in the user's Hub cache (HF_HOME) unless `local_dir` is given; the token comes from HF_TOKEN or
     `hf auth login`. Works offline when the files are already cached.
@@ -47,9 +48,9 @@ def download(repo_id: str, *, revision: str | None = None, allow_patterns: tuple
     )
 
     where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
-    offline_help = (f"download it where there is network (`hf download {repo_id}`; for a gated repository log in "
-                    f"first with `hf auth login` or set HF_TOKEN) and pass that folder with --weights DIR, or "
-                    f"connect and retry")
+    local_copy = local_copy or f"download it where there is network (`hf download {repo_id}`) and pass that folder"
+    offline_help = (f"{local_copy} with --weights DIR (for a gated repository log in first with `hf auth login` or "
+                    f"set HF_TOKEN), or connect and retry")
     try:
         try:
             listed = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns), dry_run=True)

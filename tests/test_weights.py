@@ -456,8 +456,9 @@ def test_a_model_of_several_repositories_gets_one_folder(tmp_path, monkeypatch):
                      folder="transformer", parts=(Part("text_encoder", "org/t5", ("spiece.model",)),))
     calls = []
 
-    def fake_download(repo, *, revision=None, allow_patterns=(), local_dir=None):
+    def fake_download(repo, *, revision=None, allow_patterns=(), local_dir=None, local_copy=None):
         calls.append((repo, revision, tuple(allow_patterns), local_dir))
+        assert "hf download org/model --local-dir DIR/transformer` and `hf download org/t5" in local_copy
         snapshot = Path(local_dir) if local_dir else tmp_path / "hub" / repo.replace("/", "--") / (revision or "main")
         snapshot.mkdir(parents=True, exist_ok=True)
         return snapshot
@@ -486,3 +487,25 @@ def test_a_model_of_several_repositories_gets_one_folder(tmp_path, monkeypatch):
     with pytest.raises(MiniditError, match=r"hf download org/model --local-dir DIR/transformer` and `hf download "
                                            r"org/t5 --local-dir DIR/text_encoder"):
         api.resolve_weights(spec, weights_dir=tmp_path / "missing")
+
+
+def test_offline_help_for_several_repositories_names_the_assembled_folder(tmp_path, monkeypatch):
+    """Offline and not cached: the one line says how to make the folder --weights takes for such a model."""
+    import huggingface_hub
+
+    from minidit import api
+    from minidit.pipelines import model_spec
+
+    make_error, _ = hub_errors()["offline"]
+
+    def offline(*args, **kwargs):
+        raise make_error()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(MiniditError) as info:
+        api.resolve_weights(model_spec("opensora"), download_dir=tmp_path)
+    message = str(info.value)
+    assert message.startswith("cannot reach the Hugging Face Hub and hpcai-tech/OpenSora-STDiT-v3 is not in the local")
+    assert ("make the folder with `hf download hpcai-tech/OpenSora-STDiT-v3 --local-dir DIR/transformer` and `hf "
+            "download DeepFloyd/t5-v1_1-xxl --local-dir DIR/text_encoder` and pass it with --weights DIR") in message
+    assert "\n" not in message
