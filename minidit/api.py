@@ -40,7 +40,6 @@ def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revi
     from huggingface_hub.constants import HF_HUB_CACHE
 
     folder = Path(download_dir) / spec.name if download_dir is not None else Path(HF_HUB_CACHE) / "minidit" / spec.name
-    folder.mkdir(parents=True, exist_ok=True)
     local_copy = "where there is network, make the folder with " + " and ".join(
         f"`hf download {repo} --local-dir DIR/{sub}`" for sub, repo in _repositories(spec)) + " and pass it"
     for (sub, repo), files, rev in zip(_repositories(spec), [spec.files, *[part.files for part in spec.parts]],
@@ -50,6 +49,7 @@ def resolve_weights(spec: ModelSpec, weights_dir: str | Path | None = None, revi
             weights.download(repo, revision=rev, allow_patterns=files, local_dir=target, local_copy=local_copy)
             continue
         snapshot = weights.download(repo, revision=rev, allow_patterns=files, local_copy=local_copy)
+        folder.mkdir(parents=True, exist_ok=True)  # once a download has worked: no empty folder left offline
         if target.is_symlink() or target.exists():
             if target.is_symlink() and target.resolve() == snapshot.resolve():
                 continue

@@ -492,6 +492,7 @@ def test_a_model_of_several_repositories_gets_one_folder(tmp_path, monkeypatch):
 def test_offline_help_for_several_repositories_names_the_assembled_folder(tmp_path, monkeypatch):
     """Offline and not cached: the one line says how to make the folder --weights takes for such a model."""
     import huggingface_hub
+    import huggingface_hub.constants
 
     from minidit import api
     from minidit.pipelines import model_spec
@@ -502,8 +503,10 @@ def test_offline_help_for_several_repositories_names_the_assembled_folder(tmp_pa
         raise make_error()
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MiniditError) as info:
-        api.resolve_weights(model_spec("opensora"), download_dir=tmp_path)
+        api.resolve_weights(model_spec("opensora"))
+    assert not (tmp_path / "hub").exists()  # no empty folder left behind
     message = str(info.value)
     assert message.startswith("cannot reach the Hugging Face Hub and hpcai-tech/OpenSora-STDiT-v3 is not in the local")
     assert ("make the folder with `hf download hpcai-tech/OpenSora-STDiT-v3 --local-dir DIR/transformer` and `hf "
