@@ -95,7 +95,8 @@ def test_final_latents_equal_rflow_sample(folder):
     prompt = s["prompts"][0]
     z = stored()["sample/z"][:1]
     shape = (1, 4, latent_frames(s["num_frames"]), s["height"] // 8, s["width"] // 8)
-    assert torch.equal(torch.randn(shape, generator=torch.Generator().manual_seed(s["seed"])), z)
+    # the same draw; torch.randn's last bit depends on the CPU's kernels (scalar vs AVX), so not bit-exact here
+    assert scaled_error(torch.randn(shape, generator=torch.Generator().manual_seed(s["seed"])), z) <= 1e-6
     latents = r.generate(prompt, s["seed"], r.make_scheduler("rflow", s["steps"]), s["guidance"])
     assert scaled_error(latents, stored()["sample/latents"][:1]) <= SAMPLE_TOL
 
@@ -110,7 +111,6 @@ def test_text_is_the_prompt_then_the_null_caption_with_its_mask(folder):
     assert r.branches(7.0) == ("cond", "uncond") and r.branches(1.0) == ("cond",)
 
 
-@pytest.mark.any_cpu
 def test_a_shorter_text_length_changes_nothing(folder):
     """--max-sequence-length below the model's 300 (here 24) but long enough for the prompt's tokens: the null
     caption, which takes the prompt's mask, is cut to the same rows; only padding goes."""
@@ -121,7 +121,7 @@ def test_a_shorter_text_length_changes_nothing(folder):
     assert tokens < full.max_sequence_length
     a = full.generate(s["prompts"][0], s["seed"], full.make_scheduler("rflow", 2), s["guidance"])
     b = short.generate(s["prompts"][0], s["seed"], short.make_scheduler("rflow", 2), s["guidance"])
-    assert scaled_error(a, b) <= 1e-6
+    assert scaled_error(a, b) <= 1.2e-5  # rounding only: 2.3e-6 (avx2), 1.8e-6 (default), 0 (avx512); x 5
 
 
 def test_prompt_suffix_and_defaults(folder):
