@@ -38,7 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                   "guidance value fed to the model, for a FLUX without it (flux-tiny) "
                                                   "the true-CFG scale (default: the pipeline's)")
     p.add_argument("--prompts", metavar="FILE", help="UTF-8 text, one prompt per line (class ids or names for "
-                                                     "class-conditional models)")
+                                                     "class-conditional models), or coco:FILE, the first caption of "
+                                                     "each image of a COCO captions file (captions_val2014.json, "
+                                                     "Karpathy's dataset_coco.json)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--seed", type=int, default=0, help="initial noise seed, the same for every prompt (default 0)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on a GPU)")
@@ -78,6 +80,10 @@ def read_prompts(path: str | None, num: int | None, default: list[str]) -> tuple
         raise MiniditError(f"--num-prompts must be at least 1, got {num}")
     if path is None:
         prompts, source = default, "default"
+    elif path.startswith("coco:"):  # MS-COCO captions, the study's prompts (minidit/coco.py)
+        from minidit.coco import coco_captions
+
+        prompts, source = coco_captions(Path(path[len("coco:"):])), path
     else:
         prompts, source = read_prompt_file(Path(path)), str(Path(path))
     if num is not None:
