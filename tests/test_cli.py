@@ -331,3 +331,32 @@ def test_missing_weights_folder_of_an_embedded_model(capsys, existing_run, tmp_p
     line = fails_cleanly(capsys, ["--model", "flux-tiny", "--weights", tmp_path / "none", "--out", existing_run],
                          "does not exist", existing_run)
     assert "None" not in line and "weights/flux-tiny" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong-shape", "nan"])
+def test_a_damaged_record_is_named_then_recomputed_on_resume(capsys, tiny_dit, existing_run, tmp_path, damage):
+    """A record damaged on disk (cut short, sums of another shape, NaN in the sums): aggregation refuses it with one
+    line naming it; --resume says which one it recomputes, and the run's summary.csv is again byte for byte the
+    undamaged run's."""
+    run = shutil.copytree(existing_run, tmp_path / "run")
+    summary = (run / "summary.csv").read_bytes()
+    record = run / "records" / "000001.npz"
+    if damage == "truncated":
+        record.write_bytes(record.read_bytes()[:200])
+    else:
+        with np.load(record) as r:
+            sums, meta = r["sums"], r["meta"]
+        sums = sums[:, :, :, :, :1] if damage == "wrong-shape" else np.where(sums == sums.max(), np.nan, sums)
+        with record.open("wb") as f:
+            np.savez(f, sums=sums, meta=meta)
+    why = {"truncated": "unreadable", "nan": "non-finite sums",
+           "wrong-shape": "sums of shape (2, 1, 2, 3, 1, 7), not this run's (2, 1, 2, 3, 2, 7)"}[damage]
+    code = analyze.main(["--aggregate", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert f"record {record} is damaged: {why}" in err[0] and "--resume" in err[0]
+
+    assert run_analyze(["--weights", tiny_dit, "--steps", "3", "--out", run, "--device", "cpu", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"record {record} is damaged ({why}" in err and "recomputing prompt 1" in err
+    assert (run / "summary.csv").read_bytes() == summary

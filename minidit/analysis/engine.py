@@ -67,7 +67,10 @@ def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: S
     steps = len(scheduler.timesteps)
     recorder = Recorder(recipe.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
                         device=recipe.device, prev_on_host=prev_on_host)
-    todo = [i for i in range(len(prompts)) if i not in run.done()]
+    sound, damage = run.sound_records()
+    for i, why in damage.items():
+        print(f"record {run.record_path(i)} is damaged ({why}): recomputing prompt {i}", file=sys.stderr)
+    todo = [i for i in range(len(prompts)) if i not in sound]
     if len(todo) < len(prompts):
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done", file=sys.stderr)
     recipe.prepare([prompts[i] for i in todo])  # e.g. encode every prompt once, then free the text encoder
@@ -93,7 +96,7 @@ def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: S
     manifest = run.manifest()
     manifest["analysis_held_bytes"] = max(manifest.get("analysis_held_bytes", 0), recorder.held_bytes)
     manifest["analysis_host_bytes"] = max(manifest.get("analysis_host_bytes", 0), recorder.host_bytes)
-    manifest["n_prompts_done"] = len(run.done())
+    manifest["n_prompts_done"] = len(run.sound_records()[0])
     run.write_manifest(manifest)
     return len(todo)
 

@@ -6,7 +6,8 @@
     RUN/summary.csv, cv.csv, figures/     written by `aggregate` (a separate step)
 
 Records are independent files named by prompt index, so several processes can fill one run directory
-at once and a crash loses at most the prompt in flight; `--resume` skips the records already there.
+at once and a crash loses at most the prompt in flight; `--resume` skips the records already there, and
+recomputes any that is damaged (unreadable, of another shape, non-finite: `sound_records`), naming it.
 Every file is written through a temporary file and a rename (`atomic_file`), so a failed write (disk full,
 no permission) leaves the file as it was and reports one line naming it.
 """
@@ -77,7 +78,40 @@ class RunDir:
         return self.records / f"{index:06d}.npz"
 
     def done(self) -> set[int]:
+        """The prompts whose record file exists (see `damaged` for whether each one is sound)."""
         return {int(p.stem) for p in self.records.glob("[0-9]*.npz")} if self.records.is_dir() else set()
+
+    def record_shape(self) -> tuple[int, ...] | None:
+        """The shape of a record's sums in this run, [layer, stream, branch, tensor, transition, 7] (None where the
+        manifest does not say: a hand-made one)."""
+        m = self.manifest()
+        try:
+            return (len(m["layers"]), len(m["streams"]), len(m["branches"]), len(m.get("tensors", "KVA")),
+                    m["steps"] - 1, 7)
+        except (KeyError, TypeError):
+            return None
+
+    def damaged(self, index: int, shape: tuple[int, ...] | None) -> str | None:
+        """Why prompt `index`'s record cannot be used (unreadable, not of `shape`, the run's `record_shape()`,
+        non-finite sums), or None. A crash cannot leave such a file (records are written atomically); a disk or a
+        hand can."""
+        try:
+            with np.load(self.record_path(index)) as record:
+                sums = record["sums"]
+                json.loads(str(record["meta"]))
+        except Exception as e:  # noqa: BLE001 - a damaged zip raises any of several errors; each means the same
+            return f"unreadable ({type(e).__name__})"
+        if shape is not None and sums.shape != shape:
+            return f"sums of shape {sums.shape}, not this run's {shape}"
+        if not np.isfinite(sums).all():
+            return "non-finite sums"
+        return None
+
+    def sound_records(self) -> tuple[set[int], dict[int, str]]:
+        """The records that can be used, and the damaged ones with what is wrong (to recompute on --resume)."""
+        found, shape = self.done(), self.record_shape() if self.exists() else None
+        damage = {i: why for i in sorted(found) if (why := self.damaged(i, shape)) is not None}
+        return found - set(damage), damage
 
     def write_record(self, index: int, sums: np.ndarray, meta: dict) -> None:
         with atomic_file(self.record_path(index)) as f:
@@ -85,18 +119,20 @@ class RunDir:
 
     def read_records(self) -> tuple[list[int], np.ndarray, list[dict]]:
         """All finished records: prompt indices, sums stacked as [prompt, layer, stream, branch, tensor, d, 7]."""
-        indices = sorted(self.done())
+        sound, damage = self.sound_records()
+        if damage:
+            i, why = next(iter(damage.items()))
+            more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+            raise MiniditError(f"record {self.record_path(i)} is damaged: {why}{more}; rerun the same command with "
+                               f"--resume to recompute it")
+        indices = sorted(sound)
         if not indices:
             raise MiniditError(f"{self.path} has no finished prompts yet: nothing to aggregate")
         sums, metas = [], []
         for i in indices:
-            try:
-                with np.load(self.record_path(i)) as record:
-                    sums.append(record["sums"])
-                    metas.append(json.loads(str(record["meta"])))
-            except (OSError, ValueError, KeyError) as e:
-                raise MiniditError(f"record {self.record_path(i)} is unreadable ({e}); delete it and rerun with "
-                                   f"--resume to recompute that prompt") from None
+            with np.load(self.record_path(i)) as record:
+                sums.append(record["sums"])
+                metas.append(json.loads(str(record["meta"])))
         return indices, np.stack(sums), metas
 
 
