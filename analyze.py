@@ -242,8 +242,22 @@ def compare(args: argparse.Namespace) -> Path:
     return out
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, `kill`), handled as Ctrl-C is."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    import signal
+    import threading
+
+    # The prompt in flight is abandoned either way: records are written whole or not at all (rundir.atomic_file)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         if args.compare:
             compare(args)
@@ -254,10 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     except (MiniditError, OSError) as e:  # OSError: a file-system failure at a place that does not report its own
         print(error_line(e), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished prompts are saved; rerun the same command with --resume to continue",
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: finished prompts are saved; rerun the same command with --resume to continue",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

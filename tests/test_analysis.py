@@ -131,6 +131,37 @@ def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
 
 
 @pytest.mark.any_cpu
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"),
+                                                   (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_dit, tmp_path, sig, code, word):
+    """SIGTERM (a job scheduler's stop) and SIGINT (Ctrl-C) mid-run: the prompt in flight is abandoned, no
+    temporary file is left, one line says how to resume; --resume then gives the uninterrupted run's summary."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS * 3) + "\n")
+    common = ["--model", "dit-tiny", "--weights", str(tiny_dit), "--prompts", str(prompts), "--steps", "20",
+              "--device", "cpu"]
+    whole = tmp_path / "whole"
+    assert run_cli(*common, "--out", str(whole)).returncode == 0
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "analyze.py"), *common, "--out", str(stopped)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (stopped / "records" / "000002.npz").exists():
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == (f"{word}: finished prompts are saved; rerun the same command with "
+                                            f"--resume to continue") and "Traceback" not in err
+    assert not list(stopped.rglob(".tmp-*"))  # nothing half-written
+    done = len(list((stopped / "records").glob("[0-9]*.npz")))
+    assert 3 <= done < len(PROMPTS) * 3, "the signal should land in the middle of the run"
+    resumed = run_cli(*common, "--out", str(stopped), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (stopped / "summary.csv").read_bytes() == (whole / "summary.csv").read_bytes()
+
+
+@pytest.mark.any_cpu
 def test_cv_is_population_std_over_mean_and_every_prompt_counts(tiny_dit, tmp_path):
     out = tmp_path / "run"
     result = run_cli("--model", "dit-tiny", "--weights", str(tiny_dit), "--steps", "4", "--out", str(out),
