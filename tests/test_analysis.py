@@ -143,8 +143,11 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_dit, tmp_path, sig, cod
     whole = tmp_path / "whole"
     assert run_cli(*common, "--out", str(whole)).returncode == 0
     stopped = tmp_path / "stopped"
+    # a shell that starts a job in the background makes it ignore SIGINT (and Python then installs no Ctrl-C
+    # handler): give the run the default disposition, as a terminal does
     proc = subprocess.Popen([sys.executable, str(ROOT / "analyze.py"), *common, "--out", str(stopped)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (stopped / "records" / "000002.npz").exists():
         time.sleep(0.02)
