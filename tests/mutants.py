@@ -376,10 +376,10 @@ MUTANTS = [
         edit(OPENSORA_RECIPE, "return torch.cat([states, null]), torch.cat([mask, mask])",
              "return torch.cat([states, null]), torch.cat([mask, torch.ones_like(mask)])"),), OPENSORA_PIPELINE_TESTS),
     Mutant("opensora-no-aesthetic-score", "Open-Sora prompt without the ' aesthetic score: 6.5.' suffix", (
-        edit(OPENSORA_RECIPE, "[clean_caption(with_aesthetic_score(prompt))]", "[clean_caption(prompt)]"),),
+        edit(OPENSORA_RECIPE, "clean_caption(with_aesthetic_score(prompt)),", "clean_caption(prompt),"),),
         OPENSORA_PIPELINE_TESTS),
     Mutant("opensora-no-cleaning", "Open-Sora prompt not cleaned (so not lower-cased) before T5", (
-        edit(OPENSORA_RECIPE, "[clean_caption(with_aesthetic_score(prompt))]", "[with_aesthetic_score(prompt)]"),),
+        edit(OPENSORA_RECIPE, "clean_caption(with_aesthetic_score(prompt)),", "with_aesthetic_score(prompt),"),),
         OPENSORA_PIPELINE_TESTS),
     Mutant("opensora-batch-order", "Open-Sora guidance reading the batch as [uncond; cond]", (
         edit(OPENSORA_RECIPE, "cond, uncond = v.chunk(2)", "uncond, cond = v.chunk(2)"),), OPENSORA_PIPELINE_TESTS),

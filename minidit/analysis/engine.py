@@ -96,7 +96,7 @@ def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: S
     manifest = run.manifest()
     manifest["analysis_held_bytes"] = max(manifest.get("analysis_held_bytes", 0), recorder.held_bytes)
     manifest["analysis_host_bytes"] = max(manifest.get("analysis_host_bytes", 0), recorder.host_bytes)
-    manifest["n_prompts_done"] = len(run.sound_records()[0])
+    manifest["n_prompts_done"] = len(sound) + len(todo)  # every prompt to do was written (or the loop raised)
     run.write_manifest(manifest)
     return len(todo)
 

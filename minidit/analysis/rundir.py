@@ -32,6 +32,10 @@ IDENTITY_KEYS = ("model", "weights", "revision", "dtype", "steps", "scheduler", 
                  "max_sequence_length", "dynamic_cfg")
 
 
+class DamagedRecord(Exception):
+    """A record that cannot be used; the message says why."""
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -78,12 +82,14 @@ class RunDir:
         return self.records / f"{index:06d}.npz"
 
     def done(self) -> set[int]:
-        """The prompts whose record file exists (see `damaged` for whether each one is sound)."""
+        """The prompts whose record file exists (see `sound_records` for whether each one can be used)."""
         return {int(p.stem) for p in self.records.glob("[0-9]*.npz")} if self.records.is_dir() else set()
 
     def record_shape(self) -> tuple[int, ...] | None:
-        """The shape of a record's sums in this run, [layer, stream, branch, tensor, transition, 7] (None where the
-        manifest does not say: a hand-made one)."""
+        """The shape of a record's sums in this run, [layer, stream, branch, tensor, transition, 7] (None where no
+        manifest says: none yet, or a hand-made one)."""
+        if not self.exists():
+            return None
         m = self.manifest()
         try:
             return (len(m["layers"]), len(m["streams"]), len(m["branches"]), len(m.get("tensors", "KVA")),
@@ -91,26 +97,29 @@ class RunDir:
         except (KeyError, TypeError):
             return None
 
-    def damaged(self, index: int, shape: tuple[int, ...] | None) -> str | None:
-        """Why prompt `index`'s record cannot be used (unreadable, not of `shape`, the run's `record_shape()`,
-        non-finite sums), or None. A crash cannot leave such a file (records are written atomically); a disk or a
-        hand can."""
+    def load_record(self, index: int, shape: tuple[int, ...] | None) -> tuple[np.ndarray, dict]:
+        """Prompt `index`'s sums and meta; DamagedRecord says why they cannot be used (unreadable, not of `shape`,
+        the run's `record_shape()`, non-finite sums). A crash cannot leave such a file (records are written
+        atomically); a disk or a hand can."""
         try:
             with np.load(self.record_path(index)) as record:
-                sums = record["sums"]
-                json.loads(str(record["meta"]))
+                sums, meta = record["sums"], json.loads(str(record["meta"]))
         except Exception as e:  # noqa: BLE001 - a damaged zip raises any of several errors; each means the same
-            return f"unreadable ({type(e).__name__})"
+            raise DamagedRecord(f"unreadable ({type(e).__name__})") from None
         if shape is not None and sums.shape != shape:
-            return f"sums of shape {sums.shape}, not this run's {shape}"
+            raise DamagedRecord(f"sums of shape {sums.shape}, not this run's {shape}")
         if not np.isfinite(sums).all():
-            return "non-finite sums"
-        return None
+            raise DamagedRecord("non-finite sums")
+        return sums, meta
 
     def sound_records(self) -> tuple[set[int], dict[int, str]]:
         """The records that can be used, and the damaged ones with what is wrong (to recompute on --resume)."""
-        found, shape = self.done(), self.record_shape() if self.exists() else None
-        damage = {i: why for i in sorted(found) if (why := self.damaged(i, shape)) is not None}
+        found, shape, damage = self.done(), self.record_shape(), {}
+        for i in sorted(found):
+            try:
+                self.load_record(i, shape)
+            except DamagedRecord as e:
+                damage[i] = str(e)
         return found - set(damage), damage
 
     def write_record(self, index: int, sums: np.ndarray, meta: dict) -> None:
@@ -119,20 +128,24 @@ class RunDir:
 
     def read_records(self) -> tuple[list[int], np.ndarray, list[dict]]:
         """All finished records: prompt indices, sums stacked as [prompt, layer, stream, branch, tensor, d, 7]."""
-        sound, damage = self.sound_records()
+        shape, damage = self.record_shape(), {}
+        indices, sums, metas = [], [], []
+        for i in sorted(self.done()):  # each record read once: checked and kept
+            try:
+                record_sums, meta = self.load_record(i, shape)
+            except DamagedRecord as e:
+                damage[i] = str(e)
+                continue
+            indices.append(i)
+            sums.append(record_sums)
+            metas.append(meta)
         if damage:
             i, why = next(iter(damage.items()))
             more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
             raise MiniditError(f"record {self.record_path(i)} is damaged: {why}{more}; rerun the same command with "
                                f"--resume to recompute it")
-        indices = sorted(sound)
         if not indices:
             raise MiniditError(f"{self.path} has no finished prompts yet: nothing to aggregate")
-        sums, metas = [], []
-        for i in indices:
-            with np.load(self.record_path(i)) as record:
-                sums.append(record["sums"])
-                metas.append(json.loads(str(record["meta"])))
         return indices, np.stack(sums), metas
 
 

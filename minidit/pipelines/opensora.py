@@ -105,9 +105,8 @@ class OpenSoraRecipe:
     @torch.no_grad()
     def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt as T5 sees it (suffix, cleaning) -> float32 states (1, Lt, 4096) and the mask (1, Lt)."""
-        ids, mask = self.tokenizer([clean_caption(with_aesthetic_score(prompt))], self.max_sequence_length)
-        states = self.text_encoder(ids.to(self.device), mask.to(self.device))
-        return states, mask.to(self.device)
+        return recipe.t5_with_mask(self.tokenizer, self.text_encoder, clean_caption(with_aesthetic_score(prompt)),
+                                   self.max_sequence_length, torch.float32, self.device, clean=False)
 
     def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         return recipe.from_cache(self.embeddings, prompt, self.device, self._encode, self.text_encoder is None)

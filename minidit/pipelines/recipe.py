@@ -1,6 +1,6 @@
 """The recipe contract, `Recipe`: all that analyze.py, the analysis engine and the API ask of a model family's
-recipe (dit.py, pixart.py, sd3.py, flux.py, latte.py, cogvideox.py, mochi.py: each has these members and inherits
-nothing); then what they share."""
+recipe (dit.py, pixart.py, sd3.py, flux.py, latte.py, cogvideox.py, mochi.py, opensora.py: each has these members
+and inherits nothing); then what they share."""
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -134,9 +134,10 @@ Predict = Callable[[torch.Tensor, float], torch.Tensor]  # the backbone's output
 
 def t5_with_mask(tokenizer, text_encoder, text: str, length: int, dtype: torch.dtype, device: str | torch.device,
                  *, clean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """PixArt's, Latte's and Mochi's T5 input: `length` tokens run with the attention mask, the text lower-cased and
-    stripped first with `clean` (what PixArt's and Latte's clean_caption does without bs4 and ftfy; Mochi's pipeline
-    uses the prompt as given). T5 states (1, Lt, 4096) in `dtype`, and the mask (1, Lt)."""
+    """PixArt's, Latte's, Mochi's and Open-Sora's T5 input: `length` tokens run with the attention mask, the text
+    lower-cased and stripped first with `clean` (what PixArt's and Latte's clean_caption does without bs4 and ftfy;
+    Mochi's pipeline uses the prompt as given, Open-Sora's recipe cleans it itself). T5 states (1, Lt, 4096) in
+    `dtype`, and the mask (1, Lt)."""
     ids, mask = tokenizer([text.lower().strip() if clean else text], length)
     states = text_encoder(ids.to(device), mask.to(device))
     return states.to(dtype), mask.to(device)
