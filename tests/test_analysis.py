@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,23 +102,32 @@ def test_grouped_and_one_by_one_reduction_agree(tiny_dit, monkeypatch, dtype, pr
     np.testing.assert_allclose(one_by_one, grouped, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.any_cpu
-def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
+def stopped_mid_run(tiny_dit, tmp_path, sig: int) -> tuple[list[str], Path, Path, int, str]:
+    """A whole run of 9 prompts x 20 steps, and the same run sent `sig` once its third record exists: (the common
+    arguments, the whole run, the stopped run, the stopped process's exit code, its stderr)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 3) + "\n")
     common = ["--model", "dit-tiny", "--weights", str(tiny_dit), "--prompts", str(prompts), "--steps", "20",
               "--device", "cpu"]
     whole = tmp_path / "whole"
     assert run_cli(*common, "--out", str(whole)).returncode == 0
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "analyze.py"), *common, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stopped = tmp_path / "stopped"
+    # a shell that starts a job in the background makes it ignore SIGINT (and Python then installs no Ctrl-C
+    # handler): give the run the default disposition, as a terminal does
+    proc = subprocess.Popen([sys.executable, str(ROOT / "analyze.py"), *common, "--out", str(stopped)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "records" / "000002.npz").exists():
+    while time.time() < deadline and not (stopped / "records" / "000002.npz").exists():
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return common, whole, stopped, proc.returncode, err
+
+
+@pytest.mark.any_cpu
+def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
+    common, whole, killed, _, _ = stopped_mid_run(tiny_dit, tmp_path, signal.SIGKILL)
     # finished records only: a record the kill interrupted is a hidden temporary file (.tmp-*.npz)
     done = len(list((killed / "records").glob("[0-9]*.npz")))
     assert 3 <= done < len(PROMPTS) * 3, "the kill should land in the middle of the run"
@@ -136,24 +146,8 @@ def test_resume_after_kill_gives_identical_statistics(tiny_dit, tmp_path):
 def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_dit, tmp_path, sig, code, word):
     """SIGTERM (a job scheduler's stop) and SIGINT (Ctrl-C) mid-run: the prompt in flight is abandoned, no
     temporary file is left, one line says how to resume; --resume then gives the uninterrupted run's summary."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS * 3) + "\n")
-    common = ["--model", "dit-tiny", "--weights", str(tiny_dit), "--prompts", str(prompts), "--steps", "20",
-              "--device", "cpu"]
-    whole = tmp_path / "whole"
-    assert run_cli(*common, "--out", str(whole)).returncode == 0
-    stopped = tmp_path / "stopped"
-    # a shell that starts a job in the background makes it ignore SIGINT (and Python then installs no Ctrl-C
-    # handler): give the run the default disposition, as a terminal does
-    proc = subprocess.Popen([sys.executable, str(ROOT / "analyze.py"), *common, "--out", str(stopped)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and not (stopped / "records" / "000002.npz").exists():
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err
+    common, whole, stopped, returncode, err = stopped_mid_run(tiny_dit, tmp_path, sig)
+    assert returncode == code, err
     assert err.strip().splitlines()[-1] == (f"{word}: finished prompts are saved; rerun the same command with "
                                             f"--resume to continue") and "Traceback" not in err
     assert not list(stopped.rglob(".tmp-*"))  # nothing half-written

@@ -18,6 +18,13 @@ analyze = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(analyze)
 
 
+def test_the_suite_imports_this_checkout():
+    """Not another copy of minidit that an editable install points to: the tests test the code beside them."""
+    import minidit
+
+    assert Path(minidit.__file__).resolve().parents[1] == ROOT
+
+
 def run_analyze(argv) -> int:
     """analyze.py's main on the tiny DiT of the `tiny_dit` fixture (argv may name another --model, which wins)."""
     return analyze.main(["--model", "dit-tiny", *(str(a) for a in argv)])

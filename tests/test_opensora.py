@@ -11,7 +11,6 @@ case, since the official code is not an installable package. Errors are max |min
 
 import functools
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from conftest import reference_generator, scaled_error
 from safetensors.torch import load_file, save_file
 from test_capture_points import KeepAll
 
-import minidit
 from minidit import weights
 from minidit.attention import explicit_attention, recording
 from minidit.errors import MiniditError
@@ -38,10 +36,6 @@ CAPTURE_TOL = 1.7e-5  # K, V, A: 3.29e-6 (cross-attention, default) x 5
 SAMPLE_TOL = 3.8e-5  # each step's model output and the final latents of RFLOW.sample: 7.53e-6 (default) x 5
 T5_TOL = 2.1e-6  # the tiny T5's states of the processed prompts: 4.15e-7 (avx2) x 5
 DEPTH = 28
-
-
-def test_imports_this_checkout():
-    assert Path(minidit.__file__).resolve().parents[1] == Path(__file__).resolve().parents[1]
 
 
 @functools.cache
