@@ -8,6 +8,8 @@
     python analyze.py --model mochi --device cuda --prev-on-host --save-latents   # Mochi 1 preview, 19 frames
     python analyze.py --model opensora --device cuda --save-latents   # Open-Sora 1.2: 51 frames at 240x426
     python analyze.py --model dit-tiny --steps 20 --out runs/tiny-20
+    torchrun --nproc_per_node=4 analyze.py --model pixart --prompts coco:captions_val2014.json --num-prompts 1000 \
+        --batch-size 4      # 4 GPUs, 4 prompts per forward each: one run directory, aggregated by rank 0
     python analyze.py --compare runs/flux-tiny-flux-28steps runs/flux-tiny-sd3-14steps --out runs/ablation
     python analyze.py --aggregate runs/flux-tiny-flux-28steps   # rebuild tables and figures from the records
 
@@ -18,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from minidit.analysis import distributed
 from minidit.errors import MiniditError, error_line
 from minidit.pipelines.recipe import OPTIONS, Recipe
 
@@ -32,8 +35,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) to download")
     p.add_argument("--download-dir", metavar="DIR", help="download into DIR/<repo name> (e.g. weights/) instead of "
                                                          "the Hugging Face cache")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's pipeline default)")
-    p.add_argument("--scheduler", help="sampler name (default: the model's own)")
+    p.add_argument("--steps", type=int_list, help="sampling steps (default: the model's pipeline default); a "
+                   "comma-separated list (14,28,56) sweeps them: one run each under --out, then their comparison")
+    p.add_argument("--scheduler", type=name_list, help="sampler name (default: the model's own); a comma-separated "
+                   "list (flux,sd3) sweeps them, with every --steps value")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; for FLUX.1-dev the distilled "
                                                   "guidance value fed to the model, for a FLUX without it (flux-tiny) "
                                                   "the true-CFG scale (default: the pipeline's)")
@@ -42,7 +47,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                      "each image of a COCO captions file (captions_val2014.json, "
                                                      "Karpathy's dataset_coco.json)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--seed", type=int, default=0, help="initial noise seed, the same for every prompt (default 0)")
+    p.add_argument("--seed", type=int, help="initial noise seed, the same for every prompt (default 0)")
+    p.add_argument("--preset", metavar="NAME", help="paper: the study's settings for the model (steps, scheduler, "
+                                                    "guidance, size, frames, dtype, seed 42, number of prompts; "
+                                                    "README: --preset paper); flags given beside it win")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="prompts sampled together in one forward (x the guidance branches); every prompt keeps its "
+                        "own record, equal to a batch-size-1 run within float32 rounding (default 1)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on a GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     # the recipe options (minidit/pipelines/recipe.py: OPTIONS): each model takes some; not given = the model's own
@@ -73,6 +84,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--labels", nargs="+", help="with --compare: one label per run (default: folder names)")
     p.add_argument("--aggregate", metavar="RUN", help="rebuild summary.csv, cv.csv and figures of a run")
     return p.parse_args(argv)
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the flags not given with the preset's values for the model (minidit/presets.py)."""
+    from minidit.presets import preset
+
+    if args.preset is None:
+        return
+    for name, value in preset(args.preset, args.model).items():
+        if getattr(args, name) is None:
+            setattr(args, name, [value] if name in ("steps", "scheduler") else value)
+    if args.prompts is None:
+        raise MiniditError(f"--preset {args.preset} runs {args.num_prompts} prompts: pass them with --prompts FILE, "
+                           f"e.g. the study's caption1000.txt (xdit-project/DiTCacheAnalysis), or coco:FILE")
 
 
 def read_prompts(path: str | None, num: int | None, default: list[str]) -> tuple[list[str], str]:
@@ -129,47 +154,120 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def analyze(args: argparse.Namespace) -> Path:
+def analyze(args: argparse.Namespace) -> Path | None:
+    """Fill the run directory (this process's share under torchrun), then aggregate it (rank 0). With several
+    step counts or schedulers (a sweep), one run directory per combination under --out, then their comparison."""
     from minidit.analysis import RunDir
-    from minidit.analysis.engine import build_manifest, run_prompts
     from minidit.api import load_backbone, resolve_weights
     from minidit.pipelines import model_spec, recipe_class
 
+    apply_preset(args)
+    if args.seed is None:
+        args.seed = 0
     spec = model_spec(args.model)
     recipe_type = recipe_class(spec.family)  # what it takes, read before its weights are loaded
-    if args.steps is not None and args.steps < 2:
-        raise MiniditError(f"--steps must be at least 2 (the analysis compares consecutive steps), got {args.steps}")
-    scheduler_name = args.scheduler or recipe_type.default_scheduler
-    if scheduler_name not in recipe_type.schedulers:
-        raise MiniditError(f"{spec.name} has no scheduler {scheduler_name!r}; choose one of "
-                           f"{', '.join(recipe_type.schedulers)}")
+    step_counts = args.steps or [None]
+    schedulers = args.scheduler or [recipe_type.default_scheduler]
+    for steps in step_counts:
+        if steps is not None and steps < 2:
+            raise MiniditError(f"--steps must be at least 2 (the analysis compares consecutive steps), got {steps}")
+    for name in schedulers:
+        if name not in recipe_type.schedulers:
+            raise MiniditError(f"{spec.name} has no scheduler {name!r}; choose one of "
+                               f"{', '.join(recipe_type.schedulers)}")
+    if args.batch_size < 1:
+        raise MiniditError(f"--batch-size must be at least 1, got {args.batch_size}")
     options = recipe_options(recipe_type, args)
     if args.save_images and not recipe_type.decodes:
         raise MiniditError(f"--save-images: minidit has no decoder for {spec.name} yet (its 3D VAE is a later "
                            f"piece of work); run without it, or keep the final latents with --save-latents")
     check_paths(args)
-    device = args.device or default_device()
+    ranks = distributed.from_environment()
+    device = distributed.rank_device(args.device or default_device(), ranks)
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
-    folder = resolve_weights(spec, args.weights, args.revision, args.download_dir)
-    recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
-    prompts, source = read_prompts(args.prompts, args.num_prompts, list(spec.prompts) or recipe.default_prompts())
-    for prompt in prompts:
-        recipe.parse_prompt(prompt)
-    steps = args.steps or recipe.default_steps
+    distributed.join(ranks, device)
+    sweep = len(step_counts) * len(schedulers) > 1
+    early = RunDir(args.out) if args.out is not None and not sweep else None
+    try:
+        if early is not None:  # a run directory in use is refused before the weights are loaded
+            distributed.on_leader(ranks, early.hold)
+        # rank 0 downloads first; the others then find the files in the cache (shared by the ranks of a machine)
+        folder = distributed.on_leader(ranks, lambda: resolve_weights(spec, args.weights, args.revision,
+                                                                      args.download_dir))
+        if not ranks.leader:
+            folder = resolve_weights(spec, args.weights, args.revision, args.download_dir)
+        recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
+        prompts, source = read_prompts(args.prompts, args.num_prompts, list(spec.prompts) or recipe.default_prompts())
+        for prompt in prompts:
+            recipe.parse_prompt(prompt)
+        combinations = [(name, steps or recipe.default_steps) for name in schedulers for steps in step_counts]
+        if not sweep:
+            name, steps = combinations[0]
+            out = Path(args.out or f"runs/{spec.name}-{name}-{steps}steps")
+            return measure(recipe, spec, args, ranks, early or RunDir(out), name, steps, prompts, source,
+                           folder, device, dtype)
+        parent = Path(args.out or f"runs/{spec.name}-{'+'.join(schedulers)}-"
+                                  f"{'+'.join(str(s) for _, s in combinations[:len(step_counts)])}steps")
+        outs = []
+        for name, steps in combinations:
+            outs.append(parent / f"{name}-{steps}steps")
+            if ranks.leader:
+                print(f"sweep {len(outs)} of {len(combinations)}: {name}, {steps} steps", file=sys.stderr)
+            measure(recipe, spec, args, ranks, RunDir(outs[-1]), name, steps, prompts, source, folder, device, dtype)
+        if ranks.leader:
+            compare_runs(outs, [out.name for out in outs], parent)
+        return parent
+    finally:
+        if early is not None:
+            early.release()
+
+
+def measure(recipe: Recipe, spec, args: argparse.Namespace, ranks: distributed.Ranks, run, scheduler_name: str,
+            steps: int, prompts: list[str], source: str, folder: Path, device: str, dtype: str) -> Path | None:
+    """One run: open (or resume) `run`, sample this rank's share of the missing prompts, aggregate on rank 0."""
+    from minidit.analysis.engine import build_manifest, note_progress, run_prompts
+
     guidance = recipe.default_guidance if args.guidance is None else args.guidance
     scheduler = recipe.make_scheduler(scheduler_name, steps)
-
-    out = Path(args.out or f"runs/{spec.name}-{scheduler_name}-{steps}steps")
-    run = RunDir(out)
     manifest = build_manifest(recipe, spec, weights=str(args.weights or spec.repo or folder), revision=args.revision,
                               dtype=dtype, device=device, scheduler=scheduler, guidance=guidance, seed=args.seed,
                               prompt_source=source, n_prompts=len(prompts), prev_on_host=args.prev_on_host)
-    run.open(manifest, prompts, resume=args.resume)
-    print(f"{spec.name}: {len(prompts)} prompts x {steps} steps ({scheduler_name}, guidance {guidance}) "
-          f"on {device} in {dtype} -> {out}", file=sys.stderr)
-    run_prompts(recipe, prompts, run, scheduler=scheduler, guidance=guidance, seed=args.seed,
-                save_images=args.save_images, save_latents=args.save_latents, prev_on_host=args.prev_on_host)
-    return finish(out)
+    try:
+        distributed.on_leader(ranks, lambda: run.open(manifest, prompts, resume=args.resume))
+        if ranks.leader:
+            where = f" in {ranks.world} processes" if ranks.world > 1 else ""
+            print(f"{spec.name}: {len(prompts)} prompts x {steps} steps ({scheduler_name}, guidance {guidance}) "
+                  f"on {device}{where} in {dtype}, batch size {args.batch_size} -> {run.path}", file=sys.stderr)
+        done = run_prompts(recipe, prompts, run, scheduler=scheduler, guidance=guidance, seed=args.seed,
+                           batch_size=args.batch_size, shard=ranks.shard, save_images=args.save_images,
+                           save_latents=args.save_latents, prev_on_host=args.prev_on_host, progress=ranks.leader)
+        done = distributed.gather(ranks, done)  # waits for every rank to finish its prompts
+        if not ranks.leader:
+            return None
+        note_progress(run, done)
+        return finish(run.path)
+    finally:
+        run.release()
+
+
+def int_list(text: str) -> list[int]:
+    """--steps: "28" -> [28], "14,28,56" -> [14, 28, 56] (a sweep)."""
+    try:
+        return distinct([int(part) for part in text.split(",")])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a number, or numbers separated by commas)"
+                                         ) from None
+
+
+def name_list(text: str) -> list[str]:
+    """--scheduler: "flux" -> ["flux"], "flux,sd3" -> ["flux", "sd3"] (a sweep)."""
+    return distinct([part.strip() for part in text.split(",")])
+
+
+def distinct(values: list) -> list:
+    if "" in values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError("give each value once, separated by commas")
+    return values
 
 
 def recipe_options(recipe_type: type[Recipe], args: argparse.Namespace) -> dict:
@@ -216,20 +314,24 @@ def sample_grid_from_files(images: list[Path], out: Path, sample_grid, video: bo
 
 
 def compare(args: argparse.Namespace) -> Path:
+    if not args.out:
+        raise MiniditError("--compare needs --out DIR for the comparison figures")
+    labels = args.labels or [Path(r).name for r in args.compare]
+    if len(labels) != len(args.compare):
+        raise MiniditError(f"--labels gives {len(labels)} labels for {len(args.compare)} runs")
+    return compare_runs([Path(r) for r in args.compare], labels, Path(args.out))
+
+
+def compare_runs(paths: list[Path], labels: list[str], out: Path) -> Path:
+    """compare.csv (similarity of every run's curves to the first's) and the overlays on the normalised axis."""
     import csv
 
     from minidit.analysis import read_run
     from minidit.analysis.figures import compare as compare_figure
     from minidit.analysis.rundir import atomic_file, check_creatable, make_folder
 
-    if not args.out:
-        raise MiniditError("--compare needs --out DIR for the comparison figures")
-    labels = args.labels or [Path(r).name for r in args.compare]
-    if len(labels) != len(args.compare):
-        raise MiniditError(f"--labels gives {len(labels)} labels for {len(args.compare)} runs")
-    out = Path(args.out)
     check_creatable(out)
-    runs = [read_run(r) for r in args.compare]
+    runs = [read_run(r) for r in paths]
     make_folder(out)
     rows = []
     for metric in ("l1", "rel_l1"):
@@ -257,16 +359,24 @@ def main(argv: list[str] | None = None) -> int:
 
     # The prompt in flight is abandoned either way: records are written whole or not at all (rundir.atomic_file)
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    # SIGXFSZ ignored: past a file-size limit (ulimit -f) a write fails with EFBIG and is reported as a full disk
+    # is, instead of the signal killing the process
+    handlers = {signal.SIGTERM: _terminate, signal.SIGXFSZ: signal.SIG_IGN}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()} if on_main_thread else {}
+    ranks = distributed.Ranks()
     try:
+        ranks = distributed.from_environment()
         if args.compare:
             compare(args)
         elif args.aggregate:
             finish(Path(args.aggregate))
         else:
             analyze(args)
+    except distributed.OtherRankFailed:  # rank 0 says what went wrong
+        return 2
     except (MiniditError, OSError) as e:  # OSError: a file-system failure at a place that does not report its own
-        print(error_line(e), file=sys.stderr)
+        if ranks.leader:  # under torchrun every rank meets the same error; one line is enough
+            print(error_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
@@ -274,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        distributed.leave(ranks)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

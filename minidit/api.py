@@ -93,12 +93,12 @@ def sample(recipe: Recipe, prompt: str, *, steps: int | None = None, scheduler: 
         raise MiniditError(f"{recipe.name} has no scheduler {name!r}; choose one of {', '.join(recipe.schedulers)}")
     sched = recipe.make_scheduler(name, steps)
     if not record:
-        return recipe.generate(prompt, seed, sched, guidance), None
+        return recipe.generate([prompt], seed, sched, guidance), None
     recorder = Recorder(recipe.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
                         device=recipe.device, prev_on_host=prev_on_host)
     with recorder.attach(recipe.model):
-        latents = recipe.generate(prompt, seed, sched, guidance)
-    return latents, recorder.finish()
+        latents = recipe.generate([prompt], seed, sched, guidance)
+    return latents, recorder.finish()[0]
 
 
 __all__ = ["MODELS", "load_backbone", "resolve_weights", "sample"]

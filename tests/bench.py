@@ -1,5 +1,9 @@
-"""`make bench`: what the analysis costs (flux-tiny, dit-tiny, DiT-XL/2's width, Latte-1's width), and minidit's DiT and
-Latte forwards against diffusers' on the same weights.
+"""`make bench`: what the analysis costs (flux-tiny, dit-tiny, DiT-XL/2's width, Latte-1's width), minidit's DiT and
+Latte forwards against diffusers' on the same weights, and a study's throughput: dit-tiny prompts per minute at batch
+sizes 1, 2, 4, 8, and torchrun's 2 gloo processes against 1 process.
+
+`make bench ARGS="--device cuda"` runs the GPU bench instead (tests/gpu_bench.py: PixArt-α, FLUX.1-dev and Mochi at
+full width on random weights); `--device cpu` runs it at the reduced size its test uses.
 
 Ratios are measured in one process, interleaving the contenders and keeping each one's best of several
 repeats, so that machine load affects both alike. Printed, never asserted.
@@ -186,15 +190,92 @@ def latte_in_subprocesses(repeats: int) -> None:
                        env={**os.environ, **env}, check=True)
 
 
+def study_run(recipe, prompts: list[str], steps: int, batch_size: int) -> None:
+    """The analysis of `prompts` as analyze.py runs it (recorder attached, a record written per prompt), in a
+    temporary run directory."""
+    from minidit.analysis import RunDir
+    from minidit.analysis.engine import build_manifest, run_prompts
+    from minidit.pipelines import model_spec
+
+    scheduler = recipe.make_scheduler(recipe.default_scheduler, steps)
+    manifest = build_manifest(recipe, model_spec("dit-tiny"), weights="dit-tiny", revision=None, dtype="fp32",
+                              device="cpu", scheduler=scheduler, guidance=recipe.default_guidance, seed=0,
+                              prompt_source="bench", n_prompts=len(prompts), prev_on_host=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunDir(Path(tmp) / "run")
+        run.open(manifest, prompts, resume=False)
+        run_prompts(recipe, prompts, run, scheduler=scheduler, guidance=recipe.default_guidance, seed=0,
+                    batch_size=batch_size, progress=False)
+        run.release()
+
+
+def batch_throughput(prompts: int, steps: int, repeats: int) -> None:
+    """dit-tiny prompts per minute at batch sizes 1, 2, 4 and 8, the batch sizes alternating repeat by repeat."""
+    recipe = minidit.load_backbone("dit-tiny")
+    labels = (recipe.default_prompts() * prompts)[:prompts]
+    recipe.prepare(labels)
+    sizes = (1, 2, 4, 8)
+    study_run(recipe, labels[:8], steps, 8)  # warm-up
+    times = best_of(repeats, *(functools.partial(study_run, recipe, labels, steps, size) for size in sizes))
+    print(f"dit-tiny study throughput ({prompts} prompts x {steps} steps, guidance {recipe.default_guidance}, "
+          f"recorded, {torch.get_num_threads()} threads, best of {repeats})")
+    for size, seconds in zip(sizes, times):
+        print(f"  --batch-size {size}: {prompts / seconds * 60:7.1f} prompts/min  ({times[0] / seconds:.2f} x batch 1)")
+
+
+def torchrun_throughput(prompts: int, steps: int, repeats: int) -> None:
+    """The same prompts by 1 process with 1 thread and by torchrun's 2 gloo processes with 1 thread each: sampling
+    throughput from the manifest (`last_command`: the slowest rank's time, text encoding included), and the whole
+    command's wall time (Python, torch and torchrun's start-up included), alternating, best of `repeats`."""
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = Path(tmp) / "prompts.txt"
+        labels = minidit.load_backbone("dit-tiny").default_prompts()
+        prompt_file.write_text("\n".join((labels * prompts)[:prompts]) + "\n")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        best = {1: (float("inf"), float("inf")), 2: (float("inf"), float("inf"))}
+        for repeat in range(repeats):
+            for procs in (1, 2):
+                out = Path(tmp) / f"run-{procs}-{repeat}"
+                launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if procs == 2 else []
+                start = time.perf_counter()
+                subprocess.run([sys.executable, *launcher, str(ROOT / "analyze.py"), "--model", "dit-tiny", "--prompts",
+                                str(prompt_file), "--steps", str(steps), "--device", "cpu", "--out", str(out)],
+                               env=env, check=True, capture_output=True)
+                wall = time.perf_counter() - start
+                sampling = json.loads((out / "manifest.json").read_text())["last_command"]["seconds"]
+                best[procs] = (min(best[procs][0], sampling), min(best[procs][1], wall))
+    print(f"dit-tiny, {prompts} prompts x {steps} steps: torchrun's 2 gloo processes (1 thread each) vs 1 process "
+          f"(1 thread), best of {repeats}")
+    for procs, (sampling, wall) in best.items():
+        print(f"  {procs} process{'es' if procs > 1 else ''}: sampling {prompts / sampling * 60:7.1f} prompts/min "
+              f"({sampling:.2f} s), whole command {wall:.2f} s")
+    print(f"  2 processes / 1: sampling throughput {best[1][0] / best[2][0]:.2f} x, whole command "
+          f"{best[1][1] / best[2][1]:.2f} x")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--latte-only", action="store_true", help="only Latte-1's width, in this process")
+    p.add_argument("--device", help="run the GPU bench (tests/gpu_bench.py) on this device instead: cuda, or cpu at "
+                                    "its reduced size")
+    p.add_argument("--only", choices=["study"], help="study: only the throughput at batch sizes and with torchrun")
     args = p.parse_args()
+    if args.device is not None:
+        import gpu_bench
+
+        gpu_bench.main(["--device", args.device, *(["--reduced"] if args.device == "cpu" else [])])
+        return
     if args.latte_only:
         latte_width(steps=4, repeats=args.repeats)
+        return
+    batch_throughput(prompts=16, steps=args.steps, repeats=args.repeats)
+    torchrun_throughput(prompts=16, steps=args.steps, repeats=max(2, args.repeats // 2))
+    if args.only == "study":
         return
     flux_tiny = minidit.load_backbone("flux-tiny")
     analysis_overhead(flux_tiny, "flux-tiny", args.prompts, flux_tiny.default_steps, 2 * args.repeats,

@@ -45,7 +45,7 @@ class TinyPipeline:
     def final_latents(self, case: str) -> torch.Tensor:
         height, width, schedule = self.G.PIPELINE_CASES[case]
         r = self.recipe(height, width)
-        return r.generate(self.G.PIPELINE_PROMPT, self.G.PIPELINE_SEED,
+        return r.generate([self.G.PIPELINE_PROMPT], self.G.PIPELINE_SEED,
                           r.make_scheduler(schedule, self.G.PIPELINE_STEPS), self.G.PIPELINE_GUIDANCE)
 
     def final_latents_error(self, case: str, source: str) -> float:

@@ -34,18 +34,18 @@ with a margin of 4 GB for activations: Mochi's largest, the SwiGLU's 2 x 8192-wi
 
 Run time on one data-centre GPU, from the FLOPs of one forward (torch.utils.flop_counter on the meta device: the
 matmuls and attention, 2 FLOPs per multiply-add; FLUX's 3.2 B modulation parameters act once per sample, not per
-token), at a sustained 400 TFLOP/s in bf16 on an H100 (40% of its dense peak) and 150 TFLOP/s on an A100 (48%):
+token), at 40% of the dense bf16 peak (minidit/analysis/flops.py's MFU): 396 TFLOP/s on an H100, 125 on an A100:
 
-    PixArt-α   batch 2 x 4096 tokens           13.0 TFLOP  ->  0.033 s (H100), 0.087 s (A100)
-    FLUX.1-dev batch 1 x (4096 + 512) tokens   74.4 TFLOP  ->  0.19 s, 0.50 s
-    Mochi-1    batch 2 x (6360 + 256) tokens  191.8 TFLOP  ->  0.48 s, 1.28 s
+    PixArt-α   batch 2 x 4096 tokens           13.0 TFLOP  ->  0.033 s (H100), 0.10 s (A100)
+    FLUX.1-dev batch 1 x (4096 + 512) tokens   74.4 TFLOP  ->  0.19 s, 0.60 s
+    Mochi-1    batch 2 x (6360 + 256) tokens  191.8 TFLOP  ->  0.48 s, 1.53 s
 
 With `steps` 4 and `repeats` 3 a model runs 3 x 4 warm-up (peak memory) steps, 3 x 3 x 4 timed steps, 3 x 4
 counted steps and 8 forwards against diffusers: 68 forwards, 2.2 + 12.6 + 32.6 = 47 s on an H100 and
-5.9 + 34 + 87 = 127 s on an A100. Add about 30 s for the CUDA context, importing diffusers, building and filling
+7.1 + 40.5 + 104 = 152 s on an A100. Add about 30 s for the CUDA context, importing diffusers, building and filling
 22 B parameters and pinning Mochi's 11.6 GB of host buffers for `prev_on_host` once (the caching host allocator
 reuses them); that mode's copies, 11.6 GB each way a step at about 20 GB/s over PCIe 4, overlap the step's
-1.28 s of compute. About 1.5 minutes on an H100 and 2.5 on an A100: within the 8 allowed.
+1.53 s of compute. About 1.5 minutes on an H100 and 3 on an A100: within the 8 allowed.
 """
 
 import argparse

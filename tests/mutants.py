@@ -44,6 +44,7 @@ OPENSORA_TESTS = ("tests/test_opensora.py",)
 OPENSORA_RECIPE, OPENSORA_PIPELINE_TESTS = "minidit/pipelines/opensora.py", ("tests/test_opensora_pipeline.py",)
 MOCHI_RECIPE, FLOW = "minidit/pipelines/mochi.py", "minidit/schedulers/flow.py"
 MOCHI_PIPELINE = "tests/test_mochi_pipeline.py"
+BATCH_TESTS = ("tests/test_study.py::test_a_batch_of_prompts_records_what_batches_of_one_do",)
 GENMO_TESTS = (f"{MOCHI_PIPELINE}::test_genmo_table_is_the_inverse",
                f"{MOCHI_PIPELINE}::test_genmo_file_equals_the_hub_layout")
 CAPTURES = "tests/test_capture_points.py"
@@ -149,12 +150,13 @@ MUTANTS = [
         ("tests/test_clip_tokenizer.py",)),
     Mutant("flux-true-cfg-reversed", "FLUX true CFG batch built [cond; uncond] (FluxPipeline's call order) but "
            "combined as [uncond; cond]: cond + s (uncond - cond)", (
-        edit(FLUX_PIPELINE, "text, pooled = recipe.text_batch(self.encode, prompt, cfg_scale)",
-             "text, pooled = (x.flip(0) for x in recipe.text_batch(self.encode, prompt, cfg_scale))"),),
+        edit(FLUX_PIPELINE, "text, pooled = recipe.text_batch(self.encode, prompts, cfg_scale)",
+             "text, pooled = (x.flip(0) for x in recipe.text_batch(self.encode, prompts, cfg_scale))"),),
         ("tests/test_flux_pipeline.py",)),
     Mutant("flux-true-cfg-negative-pooled", "FLUX true CFG: the negative branch given the prompt's pooled vector", (
-        edit(FLUX_PIPELINE, "text, pooled = recipe.text_batch(self.encode, prompt, cfg_scale)",
-             "text, pooled = recipe.text_batch(self.encode, prompt, cfg_scale)[0], self.encode(prompt)[1]"),),
+        edit(FLUX_PIPELINE, "text, pooled = recipe.text_batch(self.encode, prompts, cfg_scale)",
+             "text, pooled = recipe.text_batch(self.encode, prompts, cfg_scale)[0], "
+             "torch.cat([self.encode(p)[1] for p in prompts * 2])"),),
         ("tests/test_flux_pipeline.py",)),
     Mutant("sd3-pooled-order", "SD3 pooled vector as [bigG; CLIP-L]", (
         edit("minidit/pipelines/sd3.py", "pooled = torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1)",
@@ -438,6 +440,17 @@ MUTANTS = [
     Mutant("mochi-temporal-factor-4", "Mochi's frames counted with CogVideoX's 4x temporal compression", (
         edit(MOCHI_RECIPE, "VAE_SPATIAL, VAE_TEMPORAL = 8, 6", "VAE_SPATIAL, VAE_TEMPORAL = 8, 4"),),
         (f"{MOCHI_PIPELINE}::test_pipeline_final_latents",)),
+    # ---- prompts in batches (tests/test_study.py)
+    Mutant("batch-noise-per-row", "a batch of prompts drawn as one (P, ...) tensor from the seed: each prompt's noise "
+           "then depends on its place in the batch", (
+        edit("minidit/pipelines/recipe.py",
+             "return initial_noise((1, *shape), seed, dtype, device).expand(prompts, *shape).contiguous()",
+             "return initial_noise((prompts, *shape), seed, dtype, device)"),), BATCH_TESTS),
+    Mutant("batch-rows-prompt-major", "the recorder reads the batch as [prompt: branches] instead of [branch: prompts]",
+           (edit("minidit/analysis/recorder.py",
+                 "cols = stats[:, :, start:start + width].reshape(self.num_steps, 4, len(g.keys), branches, prompts)",
+                 "cols = stats[:, :, start:start + width].reshape(self.num_steps, 4, len(g.keys), prompts, branches)"
+                 ".swapaxes(3, 4)"),), BATCH_TESTS),
 ]
 
 

@@ -274,8 +274,8 @@ def test_prev_on_host_gives_the_same_sums(tiny_dit, monkeypatch, dtype, case):
     for on_host in (False, True):
         rec = recorder.Recorder(layers, branches=branches, num_steps=4, device="cpu", prev_on_host=on_host)
         with rec.attach(model.model):
-            model.generate(prompt, 0, model.make_scheduler("ddim", 4), model.default_guidance)
-        results[on_host] = rec.finish(), rec.held_bytes, rec.host_bytes
+            model.generate([prompt], 0, model.make_scheduler("ddim", 4), model.default_guidance)
+        results[on_host] = rec.finish()[0], rec.held_bytes, rec.host_bytes
     (on_device, device_held, no_host), (on_host, staging, host) = results[False], results[True]
     np.testing.assert_array_equal(on_device, on_host)
     assert on_device.shape[:5] == (num_layers, len(on_device[0]), 2, 3, 3)  # layer, stream, branch, tensor, step
@@ -369,7 +369,7 @@ def test_memory_rules_equal_what_the_recorder_holds(model, dtype, large, prev_on
     rec = recorder.Recorder(r.attention_layers(), branches=branches, num_steps=3, device="cpu",
                             prev_on_host=prev_on_host)
     with rec.attach(r.model):
-        r.generate(r.default_prompts()[0], 0, r.make_scheduler(r.default_scheduler, 3), r.default_guidance)
+        r.generate([r.default_prompts()[0]], 0, r.make_scheduler(r.default_scheduler, 3), r.default_guidance)
     rec.finish()
     captures = [int(n) for n in rec.n.flatten() if n > 0]
     itemsize = 2 if dtype == "bf16" else 4
@@ -386,7 +386,7 @@ def test_memory_settings_count_the_captures_a_recorder_sees(model, tmp_path):
     r = tiny_video_backbone(model, "fp32", tmp_path)
     rec = recorder.Recorder(r.attention_layers(), branches=r.branches(r.default_guidance), num_steps=2, device="cpu")
     with rec.attach(r.model):
-        r.generate(r.default_prompts()[0], 0, r.make_scheduler(r.default_scheduler, 2), r.default_guidance)
+        r.generate([r.default_prompts()[0]], 0, r.make_scheduler(r.default_scheduler, 2), r.default_guidance)
     rec.finish()
     cfg, fields = r.model.config, r.manifest_fields()
     frames, (height, width) = fields["frames"], fields["resolution"]

@@ -261,7 +261,7 @@ def recipe(variant: str, height=None, width=None, frames=None, dynamic_cfg=None)
 def final_latents(case: str) -> torch.Tensor:
     variant, height, width, frames, dynamic = G.PIPELINE_CASES[case]
     r = recipe(variant, height, width, frames, dynamic)
-    return r.generate(G.PIPELINE_PROMPT, G.PIPELINE_SEED, r.make_scheduler("ddim", G.PIPELINE_STEPS),
+    return r.generate([G.PIPELINE_PROMPT], G.PIPELINE_SEED, r.make_scheduler("ddim", G.PIPELINE_STEPS),
                       G.PIPELINE_GUIDANCE)
 
 
@@ -284,7 +284,7 @@ def test_pipeline_final_latents(case, source):
 def test_dynamic_cfg_changes_the_latents():
     variant, height, width, frames, _ = G.PIPELINE_CASES["5b/small-dynamic"]
     r = recipe(variant, height, width, frames)
-    static = r.generate(G.PIPELINE_PROMPT, G.PIPELINE_SEED, r.make_scheduler("ddim", G.PIPELINE_STEPS),
+    static = r.generate([G.PIPELINE_PROMPT], G.PIPELINE_SEED, r.make_scheduler("ddim", G.PIPELINE_STEPS),
                         G.PIPELINE_GUIDANCE)
     assert scaled_error(static, final_latents("5b/small-dynamic")) > 1e-3
 

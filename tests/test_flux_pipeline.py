@@ -82,7 +82,7 @@ def test_true_cfg_final_latents(source):
     height, width, schedule = G.TRUE_CFG_CASES["true-cfg"]
     r = undistilled(height, width)
     assert r.max_sequence_length == G.TRUE_CFG_T5_LENGTH and r.branches(G.TRUE_CFG_SCALE) == ("uncond", "cond")
-    latents = r.generate(G.PIPELINE_PROMPT, G.PIPELINE_SEED, r.make_scheduler(schedule, G.PIPELINE_STEPS),
+    latents = r.generate([G.PIPELINE_PROMPT], G.PIPELINE_SEED, r.make_scheduler(schedule, G.PIPELINE_STEPS),
                          G.TRUE_CFG_SCALE)
     if source == "fixture":
         assert scaled_error(latents, P.stored["pipeline/true-cfg/latents"]) <= TRUE_CFG_TOL
@@ -177,7 +177,7 @@ def test_schnell_defaults(tmp_path):
     assert r.branches(0.0) == ("cond",) and r.branches(2.0) == ("uncond", "cond")  # true CFG when asked for
     scheduler = r.make_scheduler("flux", 4)
     assert scheduler.sigmas == pytest.approx([1.0, 0.75, 0.5, 0.25]) and scheduler.mu is None
-    assert r.generate("a prompt", 0, scheduler, 0.0).shape == (1, 16, 32, 32)
+    assert r.generate(["a prompt"], 0, scheduler, 0.0).shape == (1, 16, 32, 32)
 
 
 @pytest.mark.parametrize("guidance_embeds, model_max_length, expected", [

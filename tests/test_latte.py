@@ -257,7 +257,7 @@ def recipe(height: int | None = None, width: int | None = None, frames: int | No
 def final_latents(case: str) -> torch.Tensor:
     height, width, frames, guidance = G.PIPELINE_CASES[case]
     r = recipe(height, width, frames)
-    return r.generate(G.PIPELINE_PROMPT, G.PIPELINE_SEED, r.make_scheduler("ddim", G.PIPELINE_STEPS), guidance)
+    return r.generate([G.PIPELINE_PROMPT], G.PIPELINE_SEED, r.make_scheduler("ddim", G.PIPELINE_STEPS), guidance)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -293,8 +293,8 @@ def test_mask_feature(source):
 def test_text_batch_is_uncond_then_cond():
     r = recipe(64, 64)
     prompt, negative = mask_feature(r.encode(G.PIPELINE_PROMPT), r.encode(""))
-    assert torch.equal(r.text(G.PIPELINE_PROMPT, 7.5), torch.cat([negative, prompt]))
-    assert torch.equal(r.text(G.PIPELINE_PROMPT, 1.0), prompt)
+    assert torch.equal(r.text([G.PIPELINE_PROMPT], 7.5), torch.cat([negative, prompt]))
+    assert torch.equal(r.text([G.PIPELINE_PROMPT], 1.0), prompt)
     assert r.branches(7.5) == ("uncond", "cond") and r.branches(1.0) == ("cond",)
 
 

@@ -242,7 +242,7 @@ def recipe(layout_folder, height=32, width=48, frames=7) -> MochiRecipe:
 
 
 def generate(r: MochiRecipe, guidance: float) -> torch.Tensor:
-    return r.generate(G.PIPELINE_PROMPT, G.PIPELINE_SEED, r.make_scheduler("mochi", G.PIPELINE_STEPS), guidance)
+    return r.generate([G.PIPELINE_PROMPT], G.PIPELINE_SEED, r.make_scheduler("mochi", G.PIPELINE_STEPS), guidance)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what=None) -> None:

@@ -97,16 +97,16 @@ def test_final_latents_equal_rflow_sample(folder):
     shape = (1, 4, latent_frames(s["num_frames"]), s["height"] // 8, s["width"] // 8)
     # the same draw; torch.randn's last bit depends on the CPU's kernels (scalar vs AVX), so not bit-exact here
     assert scaled_error(torch.randn(shape, generator=torch.Generator().manual_seed(s["seed"])), z) <= 1e-6
-    latents = r.generate(prompt, s["seed"], r.make_scheduler("rflow", s["steps"]), s["guidance"])
+    latents = r.generate([prompt], s["seed"], r.make_scheduler("rflow", s["steps"]), s["guidance"])
     assert scaled_error(latents, stored()["sample/latents"][:1]) <= SAMPLE_TOL
 
 
 def test_text_is_the_prompt_then_the_null_caption_with_its_mask(folder):
     r = tiny_recipe(folder)
-    text, mask = r.text(settings()["prompts"][0], guidance=7.0)
+    text, mask = r.text([settings()["prompts"][0]], guidance=7.0)
     assert torch.equal(mask[0], mask[1]) and 0 < mask[0].sum() < mask.shape[1]  # padded: the mask matters
     assert torch.equal(text[1], r.model.null_text(1)[0].float())
-    cond_only, cond_mask = r.text(settings()["prompts"][0], guidance=1.0)
+    cond_only, cond_mask = r.text([settings()["prompts"][0]], guidance=1.0)
     assert torch.equal(cond_only, text[:1]) and torch.equal(cond_mask, mask[:1])
     assert r.branches(7.0) == ("cond", "uncond") and r.branches(1.0) == ("cond",)
 
@@ -119,8 +119,8 @@ def test_a_shorter_text_length_changes_nothing(folder):
     tokens = int(full.encode(s["prompts"][0])[1].sum())
     short = tiny_recipe(folder, max_sequence_length=tokens)
     assert tokens < full.max_sequence_length
-    a = full.generate(s["prompts"][0], s["seed"], full.make_scheduler("rflow", 2), s["guidance"])
-    b = short.generate(s["prompts"][0], s["seed"], short.make_scheduler("rflow", 2), s["guidance"])
+    a = full.generate([s["prompts"][0]], s["seed"], full.make_scheduler("rflow", 2), s["guidance"])
+    b = short.generate([s["prompts"][0]], s["seed"], short.make_scheduler("rflow", 2), s["guidance"])
     assert scaled_error(a, b) <= 1.2e-5  # rounding only: 2.3e-6 (avx2), 1.8e-6 (default), 0 (avx512); x 5
 
 

@@ -162,7 +162,7 @@ def test_pipeline_final_latents(case, source):
     700x1200 request that lands in the 768x1344 bucket)."""
     height, width = G.PIPELINE_CASES[case]
     r = recipe(height, width)
-    latents = r.generate(G.PIPELINE_PROMPT, G.PIPELINE_SEED, r.make_scheduler("dpm-solver++", G.PIPELINE_STEPS),
+    latents = r.generate([G.PIPELINE_PROMPT], G.PIPELINE_SEED, r.make_scheduler("dpm-solver++", G.PIPELINE_STEPS),
                          G.PIPELINE_GUIDANCE)
     expected = stored()[f"pipeline/{case}/latents"] if source == "fixture" else G.reference_pipeline(
         G.FOLDER_1024, height, width)

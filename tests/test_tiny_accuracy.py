@@ -290,8 +290,9 @@ class DrawingRecipe:
     def make_scheduler(self, name: str, steps: int) -> None:
         return None
 
-    def generate(self, prompt: str, seed: int, scheduler, guidance: float) -> torch.Tensor:
-        return draw_captions(torch.tensor([parse_caption(prompt)]), torch.Generator().manual_seed(seed))
+    def generate(self, prompts: list[str], seed: int, scheduler, guidance: float) -> torch.Tensor:
+        return torch.cat([draw_captions(torch.tensor([parse_caption(p)]), torch.Generator().manual_seed(seed))
+                          for p in prompts])
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(latents)

@@ -62,43 +62,77 @@ def scheduler_manifest(scheduler: Scheduler) -> dict:
 
 
 def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: Scheduler, guidance: float, seed: int,
-                save_images: bool = False, save_latents: bool = False, prev_on_host: bool = False) -> int:
-    """Sample and record every prompt whose record is missing; returns how many were done now."""
+                batch_size: int = 1, shard: tuple[int, int] = (0, 1), save_images: bool = False,
+                save_latents: bool = False, prev_on_host: bool = False, progress: bool = True) -> dict:
+    """Sample and record the prompts whose record is missing (of them, this process's `shard`, (rank, ranks):
+    every ranks-th from the rank-th), `batch_size` prompts per backbone call. Returns what this process did, for
+    `note_progress`."""
     steps = len(scheduler.timesteps)
-    recorder = Recorder(recipe.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
-                        device=recipe.device, prev_on_host=prev_on_host)
     sound, damage = run.sound_records()
-    for i, why in damage.items():
-        print(f"record {run.record_path(i)} is damaged ({why}): recomputing prompt {i}", file=sys.stderr)
     todo = [i for i in range(len(prompts)) if i not in sound]
-    if len(todo) < len(prompts):
-        print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done", file=sys.stderr)
-    recipe.prepare([prompts[i] for i in todo])  # e.g. encode every prompt once, then free the text encoder
-    step_bar = tqdm(total=steps, desc="steps", leave=False, disable=None)
+    rank, ranks = shard
+    if progress:
+        for i, why in damage.items():
+            print(f"record {run.record_path(i)} is damaged ({why}): recomputing prompt {i}", file=sys.stderr)
+        if len(todo) < len(prompts):
+            print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done", file=sys.stderr)
+    mine = todo[rank::ranks]
+    started_all = time.perf_counter()
+    recipe.prepare([prompts[i] for i in mine])  # e.g. encode every prompt once, then free the text encoder
+    held = host = 0
+    step_bar = tqdm(total=steps, desc="steps", leave=False, disable=None if progress else True)
+    prompt_bar = tqdm(total=len(mine), desc="prompts", disable=None if progress else True)
     hook = recipe.model.register_forward_pre_hook(lambda *_: step_bar.update())
     try:
-        for i in tqdm(todo, desc="prompts", disable=None):
+        for batch in batches(mine, batch_size, key=lambda i: recipe.batch_key(prompts[i])):
             step_bar.reset()
             started = time.perf_counter()
-            recorder.start_prompt()
+            recorder = Recorder(recipe.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
+                                device=recipe.device, prev_on_host=prev_on_host, prompts=len(batch))
             with recorder.attach(recipe.model):
-                latents = recipe.generate(prompts[i], seed, scheduler, guidance)
+                latents = recipe.generate([prompts[i] for i in batch], seed, scheduler, guidance)
             sums = recorder.finish()
-            if save_latents:
-                save_latents_file(run.path / "latents" / f"{i:06d}.safetensors", latents)
-            if save_images:
-                save_images_file(run.path / "images" / f"{i:06d}.png", recipe.decode(latents))
-            run.write_record(i, sums, {"prompt": prompts[i], "seed": seed,
-                                       "seconds": round(time.perf_counter() - started, 3)})
+            held, host = max(held, recorder.held_bytes), max(host, recorder.host_bytes)
+            seconds = round((time.perf_counter() - started) / len(batch), 3)
+            for j, i in enumerate(batch):
+                if save_latents:
+                    save_latents_file(run.path / "latents" / f"{i:06d}.safetensors", latents[j:j + 1])
+                if save_images:
+                    save_images_file(run.path / "images" / f"{i:06d}.png", recipe.decode(latents[j:j + 1]))
+                run.write_record(i, sums[j], {"prompt": prompts[i], "seed": seed, "seconds": seconds,
+                                              "batch_size": len(batch)})
+            prompt_bar.update(len(batch))
     finally:
         hook.remove()
         step_bar.close()
+        prompt_bar.close()
+    return {"done": len(mine), "held_bytes": held, "host_bytes": host,
+            "seconds": round(time.perf_counter() - started_all, 3)}
+
+
+def batches(indices: list[int], size: int, key) -> list[list[int]]:
+    """`indices` in order, cut into batches of at most `size` that share `key(i)` (a batch is full when it has
+    `size` prompts; the unfilled ones run last, in the order they were opened)."""
+    full, open_batches = [], {}
+    for i in indices:
+        batch = open_batches.setdefault(key(i), [])
+        batch.append(i)
+        if len(batch) == size:
+            full.append(open_batches.pop(key(i)))
+    return full + list(open_batches.values())
+
+
+def note_progress(run: RunDir, done: list[dict]) -> None:
+    """Add to the manifest what the processes that filled the run did (`run_prompts`' returns): the most memory
+    the analysis held, the prompts done, and this command's prompts and wall time (text encoding included; with
+    several processes, the slowest one's)."""
     manifest = run.manifest()
-    manifest["analysis_held_bytes"] = max(manifest.get("analysis_held_bytes", 0), recorder.held_bytes)
-    manifest["analysis_host_bytes"] = max(manifest.get("analysis_host_bytes", 0), recorder.host_bytes)
-    manifest["n_prompts_done"] = len(sound) + len(todo)  # every prompt to do was written (or the loop raised)
+    manifest["last_command"] = {"prompts": sum(d["done"] for d in done), "processes": len(done),
+                                "seconds": max(d["seconds"] for d in done)}
+    manifest["analysis_held_bytes"] = max([manifest.get("analysis_held_bytes", 0)] + [d["held_bytes"] for d in done])
+    manifest["analysis_host_bytes"] = max([manifest.get("analysis_host_bytes", 0)] + [d["host_bytes"] for d in done])
+    manifest["n_prompts_done"] = len(run.done())
     run.write_manifest(manifest)
-    return len(todo)
 
 
 def save_latents_file(path: Path, latents: torch.Tensor) -> None:

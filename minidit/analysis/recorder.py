@@ -1,6 +1,6 @@
 """The K/V/A recorder: per-step difference sums computed on the device, one host transfer per prompt.
 
-For every (layer, stream, branch, tensor) it holds the previous step's tensor and, when the next step
+For every (prompt, layer, stream, branch, tensor) it holds the previous step's tensor and, when the next step
 captures the same tensor, adds up on the device in float32 (see ../design/analysis.md):
 
     s_abs = sum|X_d - X_{d-1}|    s_prev = sum|X_{d-1}|    s_sq   = sum (X_d - X_{d-1})^2
@@ -11,7 +11,9 @@ transition s_abs and s_sq of the difference (the squares as 2-norms, squared in 
 which saves a kernel per step). The other three follow exactly: s_prev and s_prev2 are the
 previous step's sum|X| and sum X^2, s_cur2 is this step's sum X^2, and s_dot = (s_cur2 + s_prev2 - s_sq) / 2
 (evaluated in float64). Nothing is synchronised with the host inside a step; `finish()` copies the sums
-once, checks them, and returns float64 sums [layer, stream, branch, tensor, transition, 7], n first.
+once, checks them, and returns float64 sums [prompt, layer, stream, branch, tensor, transition, 7], n first.
+A batch of P prompts is laid out branch by branch in `branches` order, e.g. [uncond: prompts 1..P; cond: prompts
+1..P], and each of its samples is reduced on its own: a prompt's sums do not depend on the batch it ran in.
 
 Small captures (below `GROUP_BELOW_BYTES`) are copied, as they arrive, into their place in a float32
 buffer of the recorder's own that holds a group of them, and each group is reduced with one set of kernels
@@ -25,10 +27,10 @@ them in host memory instead (`HostPrevious`): the accelerator then holds two sta
 
 Usage, around a sampling loop whose backbone is `model`:
 
-    rec = Recorder(model.attention_layers(), branches=("cond", "uncond"), num_steps=50, device="cuda")
+    rec = Recorder(model.attention_layers(), branches=("cond", "uncond"), num_steps=50, device="cuda", prompts=4)
     with rec.attach(model):      # counts backbone calls, routes K/V/A from minidit.attention here
-        latents = sample(...)
-    sums = rec.finish()
+        latents = sample(...)    # 4 prompts: the backbone's batch is [cond x 4; uncond x 4]
+    sums = rec.finish()          # [prompt, layer, stream, branch, tensor, transition, 7]
 """
 
 import contextlib
@@ -58,18 +60,20 @@ class Group:
     """Captures reduced together, step after step, and their device sums."""
 
     keys: tuple[Key, ...]
-    stats: torch.Tensor  # (steps, 4, G, Br) float32, rows X_L1 ... D_NORM; the D rows from step 1 on
-    buffers: list[torch.Tensor] | None  # small captures: two (G, Br, n) float32 buffers, one per step parity
-    held: torch.Tensor | None = None  # a large capture: the previous step's (1, Br, n) tensor
+    stats: torch.Tensor  # (steps, 4, G, R) float32, R the batch's samples; rows X_L1 ... D_NORM (D: from step 1 on)
+    buffers: list[torch.Tensor] | None  # small captures: two (G, R, n) float32 buffers, one per step parity
+    held: torch.Tensor | None = None  # a large capture: the previous step's (1, R, n) tensor
     step: int = -1  # a large capture: the step it was last reduced at
 
 
 class Recorder:
     def __init__(self, layers: list[AttentionLayer], *, branches: tuple[str, ...], num_steps: int,
-                 device: str | torch.device, prev_on_host: bool = False):
+                 device: str | torch.device, prev_on_host: bool = False, prompts: int = 1):
         if num_steps < 2:
             raise MiniditError(f"the analysis compares consecutive steps: it needs at least 2 steps, got {num_steps}")
         self.layers, self.branches, self.num_steps = layers, branches, num_steps
+        self.prompts = prompts  # the batch is [branch 0: prompts 0..P-1; branch 1: prompts 0..P-1; ...]
+        self.rows = len(branches) * prompts  # the batch's samples, each reduced on its own
         self.device, self.prev_on_host = torch.device(device), prev_on_host
         self.host_bytes = 0  # with prev_on_host: the host memory the previous-step tensors took
         self.layer_index = {layer.name: i for i, layer in enumerate(layers)}
@@ -122,7 +126,7 @@ class Recorder:
             place[self.step % 2].copy_(x)
         elif x.numel() * x.element_size() >= GROUP_BELOW_BYTES:  # large: reduce now, hold the model's own tensor
             group = self.groups.get((key,)) or self._new_group((key,), [x], grouped=False)
-            self._reduce_large(group, _per_branch(x, len(self.branches)), key)
+            self._reduce_large(group, _per_sample(x, self.rows), key)
         else:
             if self.step > 0:
                 raise MiniditError(f"step {self.step} captured {self._describe(key)}, which step 0 did not: the "
@@ -159,11 +163,11 @@ class Recorder:
         if self.step > 0:
             raise MiniditError(f"step {self.step} captured {self._describe(keys[0])}, which step 0 did not: the "
                                f"model's attention calls must be the same at every step")
-        branches, x = len(self.branches), xs[0]
-        stats = torch.zeros(self.num_steps, 4, len(xs), branches, dtype=torch.float32, device=self.device)
+        rows, x = self.rows, xs[0]
+        stats = torch.zeros(self.num_steps, 4, len(xs), rows, dtype=torch.float32, device=self.device)
         buffers = None
         if grouped:
-            buffers = [torch.empty(len(xs), branches, x.numel() // branches, device=self.device) for _ in range(2)]
+            buffers = [torch.empty(len(xs), rows, x.numel() // rows, device=self.device) for _ in range(2)]
         for i, (key, x) in enumerate(zip(keys, xs)):
             if key in self.places or (key,) in self.groups:
                 raise MiniditError(f"{self._describe(key)} was captured twice in one step: each attention layer "
@@ -171,7 +175,7 @@ class Recorder:
             if grouped:
                 # the capture's elements in its own logical order, the same at every step
                 self.places[key] = (buffers[0][i].view(x.shape), buffers[1][i].view(x.shape))
-            self.n[key] = x.numel() // branches
+            self.n[key] = x.numel() // rows
         self.groups[keys] = Group(keys, stats, buffers)
         return self.groups[keys]
 
@@ -186,14 +190,14 @@ class Recorder:
         torch.sum(torch.abs(cur, out=other), dim=-1, out=stats[X_L1])
 
     def _reduce_large(self, group: Group, cur: torch.Tensor, key: Key) -> None:
-        """cur: (Br, n), this step's capture in its own dtype, a view of the model's tensor."""
+        """cur: (R, n), this step's capture in its own dtype, a view of the model's tensor."""
         if group.step == self.step:
             raise MiniditError(f"{self._describe(group.keys[0])} was captured twice in one step: each attention "
                                f"layer must run once per backbone call")
         group.step = self.step
         prev = None
         if self.step > 0:
-            prev = (self.host.previous(key) if self.host else group.held)[0]  # (Br, n)
+            prev = (self.host.previous(key) if self.host else group.held)[0]  # (R, n)
         # On the CPU the capture is reduced a cache-sized chunk at a time: x and the previous step are read from
         # memory once, the float32 difference and the absolute values stay in cache (twice as fast as whole passes
         # over a large capture). On an accelerator, one chunk: every extra kernel launch would cost more.
@@ -201,8 +205,8 @@ class Recorder:
         work = self.scratch.get((len(cur), size))  # float32, the recorder's own: a model's tensor is never written
         if work is None:
             work = self.scratch[(len(cur), size)] = torch.empty(len(cur), size, device=self.device)
-        total = group.stats[self.step].zero_()  # (4, 1, Br): sums, and sums of squares where norms go
-        part = torch.zeros_like(total[:, 0])  # (4, Br); the difference rows stay 0 at step 0
+        total = group.stats[self.step].zero_()  # (4, 1, R): sums, and sums of squares where norms go
+        part = torch.zeros_like(total[:, 0])  # (4, R); the difference rows stay 0 at step 0
         for start in range(0, cur.shape[1], size):
             x, w = cur[:, start:start + size], work[:, :min(size, cur.shape[1] - start)]
             torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32, out=part[X_NORM])
@@ -228,7 +232,7 @@ class Recorder:
         return f"{TENSORS[ti]} of layer {self.layers[li].name} ({self.streams[si]})"
 
     def _first_non_finite(self, energy: np.ndarray) -> str:
-        bad = ~np.isfinite(energy)  # [layer, stream, branch, tensor, step]
+        bad = ~np.isfinite(energy).any(axis=0)  # [layer, stream, branch, tensor, step], any prompt of the batch
         step = int(np.argwhere(bad.any(axis=(0, 1, 2, 3)))[0, 0]) if bad.any() else None
         where = "a difference between two steps overflowed"
         if step is not None:
@@ -254,7 +258,7 @@ class Recorder:
         return total
 
     def finish(self) -> np.ndarray:
-        """Float64 sums [layer, stream, branch, tensor, transition, 7] (n first) of the prompt just sampled."""
+        """Float64 sums [prompt, layer, stream, branch, tensor, transition, 7] (n first) of the batch just sampled."""
         self._end_step()
         if self.step != self.num_steps - 1:
             raise MiniditError(f"the backbone ran {self.step + 1} steps, the recorder expected {self.num_steps}")
@@ -265,30 +269,30 @@ class Recorder:
         for g in groups:
             g.held = g.buffers = None
         self.places, self.scratch, self.host = {}, {}, None
-        # scatter the groups' columns to [layer, stream, branch, tensor, step, row]
-        per_step = np.zeros((*self.n.shape[:2], len(self.branches), len(TENSORS), self.num_steps, 4))
+        # scatter the groups' columns to [prompt, layer, stream, branch, tensor, step, row]
+        branches, prompts = len(self.branches), self.prompts
+        per_step = np.zeros((prompts, *self.n.shape[:2], branches, len(TENSORS), self.num_steps, 4))
         start = 0
         for g in groups:
             li, si, ti = (np.array(axis) for axis in zip(*g.keys))
-            width = len(g.keys) * len(self.branches)
-            cols = stats[:, :, start:start + width].reshape(self.num_steps, 4, len(g.keys), len(self.branches))
-            per_step[li, si, :, ti] = cols.transpose(2, 3, 0, 1)  # (G, Br, steps, 4)
+            width = len(g.keys) * self.rows
+            cols = stats[:, :, start:start + width].reshape(self.num_steps, 4, len(g.keys), branches, prompts)
+            per_step[:, li, si, :, ti] = cols.transpose(2, 4, 3, 0, 1)  # (G, P, Br, steps, 4)
             start += width
         per_step[..., X_NORM] **= 2  # sum X^2
         per_step[..., D_NORM] **= 2  # sum (X_d - X_{d-1})^2
-        energy = per_step[..., X_NORM]
         if not np.isfinite(per_step).all():
-            raise MiniditError(self._first_non_finite(energy))
+            raise MiniditError(self._first_non_finite(per_step[..., X_NORM]))
         cur, prev = per_step[..., 1:, :], per_step[..., :-1, :]
         s_sq = cur[..., D_NORM]
         sums = np.stack([cur[..., D_ABS], prev[..., X_L1], s_sq, (cur[..., X_NORM] + prev[..., X_NORM] - s_sq) / 2,
                          cur[..., X_NORM], prev[..., X_NORM]], axis=-1)
-        moved = sums[..., 0].sum(axis=(0, 1, 2, 3))  # total s_abs per transition
+        moved = sums[..., 0].sum(axis=(1, 2, 3, 4))  # total s_abs per prompt and transition
         if (moved == 0).any():
-            d = int(np.argmin(moved))
+            d = int(np.argwhere(moved == 0)[0, 1])
             raise MiniditError(f"every K, V and A of step {d + 1} equals step {d}'s: a captured tensor was modified "
                                f"in place, or the backbone saw the same input twice; the statistics would be wrong")
-        n = np.broadcast_to(self.n[:, :, None, :, None, None], sums.shape[:-1] + (1,))
+        n = np.broadcast_to(self.n[None, :, :, None, :, None, None], sums.shape[:-1] + (1,))
         return np.concatenate([n, sums], axis=-1)
 
 
@@ -388,13 +392,14 @@ def stream_axis(layers: list[AttentionLayer]) -> tuple[str, ...]:
     return tuple(s for s in STREAM_ORDER if s in used)
 
 
-def _per_branch(x: torch.Tensor, branches: int) -> torch.Tensor:
-    """(B, ...) -> (branches, n), elements in memory order: a free view when x is a permutation of a dense
-    tensor (K and V after the head split are); the sums do not depend on the order of the elements."""
+def _per_sample(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B, ...) -> (rows, n), one row per sample of the batch (B may fold samples with frames or tokens: the
+    samples stay outermost), elements in memory order: a free view when x is a permutation of a dense tensor
+    (K and V after the head split are); the sums do not depend on the order of the elements."""
     if x.is_contiguous():
-        return x.view(branches, -1)
+        return x.view(rows, -1)
     order = sorted(range(1, x.ndim), key=lambda i: -x.stride(i))
-    return x.permute(0, *order).reshape(branches, -1)
+    return x.permute(0, *order).reshape(rows, -1)
 
 
 def _float32(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:

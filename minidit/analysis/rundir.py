@@ -4,20 +4,24 @@
     RUN/prompts.txt          the prompts (or class labels) in order; record i belongs to line i
     RUN/records/000012.npz   prompt 12's float64 sums [layer, stream, branch, tensor, transition, 7]
     RUN/summary.csv, cv.csv, figures/     written by `aggregate` (a separate step)
+    RUN/.lock                held by the run filling the directory (`RunDir.hold`)
 
-Records are independent files named by prompt index, so several processes can fill one run directory
-at once and a crash loses at most the prompt in flight; `--resume` skips the records already there, and
-recomputes any that is damaged (unreadable, of another shape, non-finite: `sound_records`), naming it.
+Records are independent files named by prompt index, so several processes of one run (torchrun's ranks)
+can fill the directory at once and a crash loses at most the prompt in flight; `--resume` skips the records
+already there, and recomputes any that is damaged (unreadable, of another shape, non-finite: `sound_records`),
+naming it.
 Every file is written through a temporary file and a rename (`atomic_file`), so a failed write (disk full,
 no permission) leaves the file as it was and reports one line naming it.
 """
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -36,11 +40,56 @@ class DamagedRecord(Exception):
     """A record that cannot be used; the message says why."""
 
 
+LOCK = ".lock"  # RUN/.lock: held (flock) by the process that fills the run; the OS releases it when that one ends
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.records = self.path / "records"
         self.manifest_path = self.path / "manifest.json"
+        self.lock: int | None = None  # the open lock file while this process holds the run
+        self.created: list[Path] = []  # the folders `hold` created
+
+    def hold(self) -> None:
+        """Take the run directory for this process (creating it): a second run on it is refused while this one
+        lives. An flock, so the OS releases it when the process ends, however it ends (kill -9 included), and it
+        is never left stuck. Under torchrun, rank 0 holds it for all ranks."""
+        if self.lock is not None:
+            return
+        if self.path.is_dir() and not self.exists() and any(p.name != LOCK for p in self.path.iterdir()):
+            raise MiniditError(f"{self.path} exists and is not a minidit run directory: choose another --out")
+        self.created = [p for p in (self.path, *self.path.parents) if not p.exists()]  # removed if no run starts
+        make_folder(self.path)
+        path = self.path / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise MiniditError(f"cannot create {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise MiniditError(f"{self.path} is in use by another run (process {holder}): wait for it to end, "
+                                   f"or choose another --out") from None
+            raise MiniditError(f"cannot lock {path}: {e.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+        self.lock = fd
+
+    def release(self) -> None:
+        """Let the run directory go; if no run was started in it (an error before `open`), leave no trace."""
+        if self.lock is None:
+            return
+        if not self.exists():
+            (self.path / LOCK).unlink(missing_ok=True)
+            for folder in self.created:  # innermost first
+                with contextlib.suppress(OSError):  # not empty: something else was put there
+                    folder.rmdir()
+        os.close(self.lock)  # closing the file releases the flock
+        self.lock = None
 
     def exists(self) -> bool:
         return self.manifest_path.is_file()
@@ -48,6 +97,7 @@ class RunDir:
     def open(self, manifest: dict, prompts: list[str], *, resume: bool) -> None:
         """Create the directory for a new run, or check that `manifest` continues the run already there."""
         manifest = dict(manifest, prompts_sha256=prompts_digest(prompts))
+        self.hold()
         if self.exists():
             if not resume:
                 raise MiniditError(f"{self.path} already holds a run: pass --resume to continue it, or choose "
@@ -58,9 +108,6 @@ class RunDir:
                 raise MiniditError(f"cannot resume {self.path}: it was run with different {', '.join(changed)}; "
                                    f"use the same settings, or another --out")
             manifest = dict(old, **{k: v for k, v in manifest.items() if k not in IDENTITY_KEYS})
-        elif self.path.is_dir() and any(self.path.iterdir()):
-            raise MiniditError(f"{self.path} exists and is not a minidit run directory: choose another --out")
-        make_folder(self.path)
         make_folder(self.records)
         write_atomic(self.path / "prompts.txt", "".join(p + "\n" for p in prompts).encode("utf-8"))
         self.write_manifest(manifest)

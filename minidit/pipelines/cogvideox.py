@@ -80,6 +80,7 @@ class CogVideoXRecipe:
     # ---- prompts and text --------------------------------------------------------------------------------
 
     default_prompts, parse_prompt = recipe.video_prompts, recipe.as_given  # VIDEO_PROMPTS; any text, as given
+    batch_key = recipe.same_batch  # every prompt's text has the same length (padded)
 
     prepare = recipe.prepare_t5  # every prompt and "" encoded once, then T5 released
 
@@ -107,13 +108,13 @@ class CogVideoXRecipe:
                 "max_sequence_length": self.max_sequence_length, "dynamic_cfg": self.dynamic_cfg}
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int, scheduler: CogVideoXDDIM, guidance: float) -> torch.Tensor:
-        """Final latents (1, (F - 1) / 4 + 1, 16, H / 8, W / 8) for F frames at H x W, from the noise of `seed`."""
+    def generate(self, prompts: list[str], seed: int, scheduler: CogVideoXDDIM, guidance: float) -> torch.Tensor:
+        """Final latents (P, (F - 1) / 4 + 1, 16, H / 8, W / 8) for F frames at H x W, from the noise of `seed`."""
         latent_frames = (self.frames - 1) // self.vae_temporal + 1
         h, w = (side // self.vae_scale for side in self.resolution)
-        noise = recipe.initial_noise((1, latent_frames, self.model.config.in_channels, h, w), seed, self.dtype,
-                                     self.device)
-        (text,) = recipe.text_batch(self.encode, prompt, guidance)  # [uncond; cond] with guidance
+        noise = recipe.prompt_noise(len(prompts), (latent_frames, self.model.config.in_channels, h, w), seed,
+                                    self.dtype, self.device)
+        (text,) = recipe.text_batch(self.encode, prompts, guidance)  # [uncond; cond] with guidance
         steps = len(scheduler.timesteps)
 
         def velocity(x: torch.Tensor, t: int) -> torch.Tensor:

@@ -100,13 +100,15 @@ class DiTRecipe:
     def prepare(self, prompts: list[str]) -> None:
         """Nothing to precompute: class labels need no encoder."""
 
+    batch_key = recipe.same_batch
+
     def manifest_fields(self) -> dict:
         return {"convention": self.convention, "resolution": list(self.resolution), "frames": None}
 
-    def generate(self, prompt: str, seed: int, scheduler: DDIM, guidance: float) -> torch.Tensor:
+    def generate(self, prompts: list[str], seed: int, scheduler: DDIM, guidance: float) -> torch.Tensor:
         cfg = self.model.config
-        noise = recipe.initial_noise((1, cfg.in_channels, *self.resolution), seed, self.dtype, self.device)
-        labels = torch.tensor([self.parse_prompt(prompt)], device=self.device)
+        noise = recipe.prompt_noise(len(prompts), (cfg.in_channels, *self.resolution), seed, self.dtype, self.device)
+        labels = torch.tensor([self.parse_prompt(p) for p in prompts], device=self.device)
         return sample(self.model, scheduler, labels, noise, guidance=guidance, convention=self.convention)
 
     @torch.no_grad()

@@ -143,6 +143,7 @@ class FluxRecipe:
     # ---- prompts and text --------------------------------------------------------------------------------
 
     default_prompts, parse_prompt = recipe.text_prompts, recipe.as_given  # TEXT_PROMPTS; any text, as given
+    batch_key = recipe.same_batch  # every prompt's text has the same length (padded)
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt (and, for true CFG, the negative prompt) once, then release CLIP and T5."""
@@ -187,13 +188,14 @@ class FluxRecipe:
         return {"resolution": list(self.resolution), "frames": None, "max_sequence_length": self.max_sequence_length}
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int, scheduler: FlowMatchEuler, guidance: float) -> torch.Tensor:
-        """Final latents (1, C, h, w) at the requested size (H, W), from the noise of `seed`: C = in_channels / 4
+    def generate(self, prompts: list[str], seed: int, scheduler: FlowMatchEuler, guidance: float) -> torch.Tensor:
+        """Final latents (P, C, h, w) at the requested size (H, W), from the noise of `seed`: C = in_channels / 4
         (16; in pixel space 3), (h, w) = `latent_size()`."""
         h, w = self.latent_size()
-        noise = recipe.initial_noise((1, self.model.config.in_channels // PACK**2, h, w), seed, self.dtype, self.device)
+        noise = recipe.prompt_noise(len(prompts), (self.model.config.in_channels // PACK**2, h, w), seed, self.dtype,
+                                    self.device)
         cfg_scale = self.true_cfg_scale(guidance)
-        text, pooled = recipe.text_batch(self.encode, prompt, cfg_scale)  # [uncond; cond] with true CFG
+        text, pooled = recipe.text_batch(self.encode, prompts, cfg_scale)  # [uncond; cond] with true CFG
         img_ids = image_ids(h, w).to(self.device, self.dtype)
         txt_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=self.dtype)  # both branches: Lt zeros
         g = torch.full((1,), guidance, device=self.device) if self.distilled else None  # float32, as FluxPipeline

@@ -95,12 +95,20 @@ class LatteRecipe:
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         return recipe.from_cache(self.embeddings, text, self.device, self._encode, self.text_encoder is None)
 
-    def text(self, prompt: str, guidance: float) -> torch.Tensor:
-        """The transformer's text input: [uncond; cond] T5 states with guidance, cut by `mask_feature`. Not
-        recipe.text_batch: the negative prompt's length depends on the prompt's."""
-        if guidance <= 1:
-            return mask_feature(self.encode(prompt), None)[0]
-        cond, uncond = mask_feature(self.encode(prompt), self.encode(recipe.NEGATIVE_PROMPT))
+    def batch_key(self, prompt: str) -> int:
+        """The prompt's T5 length after `mask_feature`: only prompts of one length share a batch (cutting the states
+        of a batch of one to its real tokens is what the model saw in LattePipeline; padding them back would not be)."""
+        return int(self.encode(prompt)[1].sum())
+
+    def text(self, prompts: list[str], guidance: float) -> torch.Tensor:
+        """The transformer's text input: [uncond; cond] T5 states with guidance, each prompt's cut by `mask_feature`
+        (prompts of one `batch_key`). Not recipe.text_batch: the negative prompt's length depends on the prompt's."""
+        negative = self.encode(recipe.NEGATIVE_PROMPT) if guidance > 1 else None
+        cut = [mask_feature(self.encode(p), negative) for p in prompts]
+        cond = torch.cat([states for states, _ in cut])
+        if negative is None:
+            return cond
+        uncond = torch.cat([states for _, states in cut])
         return torch.cat([uncond, cond])
 
     # ---- sampling ----------------------------------------------------------------------------------------
@@ -118,12 +126,12 @@ class LatteRecipe:
                 "max_sequence_length": self.max_sequence_length}
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int, scheduler: DDIM, guidance: float) -> torch.Tensor:
-        """Final latents (1, 4, T, h / 8, w / 8) of the video, from the noise of `seed`."""
+    def generate(self, prompts: list[str], seed: int, scheduler: DDIM, guidance: float) -> torch.Tensor:
+        """Final latents (P, 4, T, h / 8, w / 8) of the videos, from the noise of `seed`."""
         channels = self.model.config.in_channels
         h, w = (side // self.vae_scale for side in self.resolution)
-        noise = recipe.initial_noise((1, channels, self.frames, h, w), seed, self.dtype, self.device)
-        text = self.text(prompt, guidance)
+        noise = recipe.prompt_noise(len(prompts), (channels, self.frames, h, w), seed, self.dtype, self.device)
+        text = self.text(prompts, guidance)
 
         def epsilon(x: torch.Tensor, t: int) -> torch.Tensor:
             timesteps = torch.full((len(x),), t, device=self.device)

@@ -92,6 +92,7 @@ class MochiRecipe:
     # ---- prompts and text --------------------------------------------------------------------------------
 
     default_prompts, parse_prompt = recipe.video_prompts, recipe.as_given  # VIDEO_PROMPTS; any text, as given
+    batch_key = recipe.same_batch  # every prompt's text has the same length (padded)
 
     prepare = recipe.prepare_t5  # every prompt and "" encoded once, then T5 released
 
@@ -119,14 +120,14 @@ class MochiRecipe:
                 "max_sequence_length": self.max_sequence_length}
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int, scheduler: FlowMatchEuler, guidance: float) -> torch.Tensor:
-        """Final latents (1, 12, (F - 1) / 6 + 1, H / 8, W / 8) for F frames at H x W, from the noise of `seed`."""
+    def generate(self, prompts: list[str], seed: int, scheduler: FlowMatchEuler, guidance: float) -> torch.Tensor:
+        """Final latents (P, 12, (F - 1) / 6 + 1, H / 8, W / 8) for F frames at H x W, from the noise of `seed`."""
         latent_frames = (self.frames - 1) // VAE_TEMPORAL + 1
         h, w = (side // VAE_SPATIAL for side in self.resolution)
-        shape = (1, self.model.config.in_channels, latent_frames, h, w)
+        shape = (self.model.config.in_channels, latent_frames, h, w)
         # NOTE(official): MochiPipeline draws the noise in float32 and casts it to the latents' dtype after
-        x = recipe.initial_noise(shape, seed, torch.float32, self.device).to(self.dtype)
-        text, mask = recipe.text_batch(self.encode, prompt, guidance)  # [uncond; cond] with guidance
+        x = recipe.prompt_noise(len(prompts), shape, seed, torch.float32, self.device).to(self.dtype)
+        text, mask = recipe.text_batch(self.encode, prompts, guidance)  # [uncond; cond] with guidance
         for i, t in enumerate(scheduler.timesteps):
             batch = torch.cat([x, x]) if guidance > 1 else x
             # NOTE(official): t = 1000 (1 - sigma), 0 at pure noise, in the latents' dtype

@@ -97,6 +97,7 @@ class OpenSoraRecipe:
     # ---- prompts and text --------------------------------------------------------------------------------
 
     default_prompts, parse_prompt = recipe.video_prompts, recipe.as_given  # VIDEO_PROMPTS; any text, as given
+    batch_key = recipe.same_batch  # every prompt's text has the same length (padded)
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt once, then release T5 to free its memory (19 GB in float32)."""
@@ -111,13 +112,13 @@ class OpenSoraRecipe:
     def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         return recipe.from_cache(self.embeddings, prompt, self.device, self._encode, self.text_encoder is None)
 
-    def text(self, prompt: str, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The transformer's text input and mask: the prompt's; with guidance, the batch [cond; uncond] whose
-        uncond half is the learned null caption (cut to the same length) with the prompt's mask."""
-        states, mask = self.encode(prompt)
+    def text(self, prompts: list[str], guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's text input and mask: the prompts'; with guidance, the batch [cond; uncond] whose
+        uncond half is the learned null caption (cut to the same length) with each prompt's mask."""
+        states, mask = (torch.cat(parts) for parts in zip(*(self.encode(p) for p in prompts)))
         if guidance <= 1:
             return states, mask
-        null = self.model.null_text(1)[:, :states.shape[1]].to(states.dtype)
+        null = self.model.null_text(len(prompts))[:, :states.shape[1]].to(states.dtype)
         return torch.cat([states, null]), torch.cat([mask, mask])
 
     # ---- sampling ----------------------------------------------------------------------------------------
@@ -138,12 +139,13 @@ class OpenSoraRecipe:
                 "max_sequence_length": self.max_sequence_length}
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int, scheduler: RFlow, guidance: float) -> torch.Tensor:
-        """Final latents (1, 4, T, H / 8, W / 8) in float32, T the latent frames, from the noise of `seed`."""
+    def generate(self, prompts: list[str], seed: int, scheduler: RFlow, guidance: float) -> torch.Tensor:
+        """Final latents (P, 4, T, H / 8, W / 8) in float32, T the latent frames, from the noise of `seed`."""
         channels = self.model.config.in_channels
         h, w = (side // VAE_SCALE for side in self.resolution)
-        noise = recipe.initial_noise((1, channels, latent_frames(self.frames), h, w), seed, self.dtype, self.device)
-        text, mask = self.text(prompt, guidance)
+        noise = recipe.prompt_noise(len(prompts), (channels, latent_frames(self.frames), h, w), seed, self.dtype,
+                                    self.device)
+        text, mask = self.text(prompts, guidance)
         fps = IMAGE_FPS if self.frames == 1 else FPS
         sizes = [torch.full((len(text),), float(v), dtype=self.dtype, device=self.device)
                  for v in (fps, *self.resolution)]

@@ -99,6 +99,7 @@ class PixArtRecipe:
     default_prompts, parse_prompt = recipe.text_prompts, recipe.as_given  # TEXT_PROMPTS; any text, as given
 
     prepare = recipe.prepare_t5  # every prompt and "" encoded once, then T5 released
+    batch_key = recipe.same_batch  # every prompt padded to max_sequence_length
 
     @torch.no_grad()
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,13 +126,13 @@ class PixArtRecipe:
         return {"resolution": list(self.resolution), "frames": None, "max_sequence_length": self.max_sequence_length}
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int, scheduler: DPMSolver | DDIM, guidance: float) -> torch.Tensor:
-        """Final latents (1, 4, h / 8, w / 8) at the bucket's size (h, w), from the noise of `seed`."""
+    def generate(self, prompts: list[str], seed: int, scheduler: DPMSolver | DDIM, guidance: float) -> torch.Tensor:
+        """Final latents (P, 4, h / 8, w / 8) at the bucket's size (h, w), from the noise of `seed`."""
         cfg = self.model.config
         h, w = self.resolution
-        noise = recipe.initial_noise((1, cfg.in_channels, h // self.vae_scale, w // self.vae_scale), seed,
-                                     self.dtype, self.device)
-        text, mask = recipe.text_batch(self.encode, prompt, guidance)  # [uncond; cond] with guidance
+        noise = recipe.prompt_noise(len(prompts), (cfg.in_channels, h // self.vae_scale, w // self.vae_scale), seed,
+                                    self.dtype, self.device)
+        text, mask = recipe.text_batch(self.encode, prompts, guidance)  # [uncond; cond] with guidance
         micro = {}
         if cfg.use_additional_conditions:
             micro = {"resolution": torch.tensor([[h, w]] * len(text), dtype=self.dtype, device=self.device),

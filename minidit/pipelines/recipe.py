@@ -47,7 +47,9 @@ class Recipe(Protocol):
     def manifest_fields(self) -> dict: ...  # manifest.json's "resolution", "frames" (None: images), and what else the
     # samples depend on: DiT's "convention", the T5 length "max_sequence_length", CogVideoX's "dynamic_cfg"
     def prepare(self, prompts: list[str]) -> None: ...  # before a run's prompts: e.g. encode them, free the encoders
-    def generate(self, prompt: str, seed: int, scheduler: Scheduler, guidance: float) -> torch.Tensor: ...  # latents
+    def batch_key(self, prompt: str) -> object: ...  # prompts sampled in one batch share it (Latte: its text length)
+    def generate(self, prompts: list[str], seed: int, scheduler: Scheduler, guidance: float) -> torch.Tensor: ...
+    # ^ the prompts' final latents (P, ...), sampled in one batch, each prompt from the noise of `seed`
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...  # uint8 images (B, H, W, 3), videos (B, T, H, W, 3)
 
 
@@ -57,6 +59,19 @@ def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device:
     """The reference pipelines' draw: torch.randn of `shape` from a CPU generator seeded with `seed`."""
     generator = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
+def prompt_noise(prompts: int, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
+                 device: str | torch.device) -> torch.Tensor:
+    """The initial latents of a batch of `prompts` prompts, (prompts, *shape): each prompt's is the reference
+    pipeline's draw for one sample from `seed` (the study gives every prompt the same seed), so a prompt's
+    sample does not depend on the batch it runs in."""
+    return initial_noise((1, *shape), seed, dtype, device).expand(prompts, *shape).contiguous()
+
+
+def same_batch(self: Recipe, prompt: str) -> None:
+    """batch_key of the recipes whose prompts can share any batch (their inputs have the same shapes)."""
+    return None
 
 
 def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -194,11 +209,11 @@ def uncond_cond(self: Recipe, guidance: float) -> tuple[str, ...]:
     return ("uncond", "cond") if guidance > 1 else ("cond",)
 
 
-def text_batch(encode: Callable[[str], Encoding], prompt: str, guidance: float) -> Encoding:
-    """The prompt's encoding; with guidance, each of its tensors in the batch [negative prompt; prompt]."""
-    if guidance <= 1:
-        return encode(prompt)
-    return tuple(torch.cat([uncond, cond]) for uncond, cond in zip(encode(NEGATIVE_PROMPT), encode(prompt)))
+def text_batch(encode: Callable[[str], Encoding], prompts: list[str], guidance: float) -> Encoding:
+    """The prompts' encodings, each tensor stacked over the prompts; with guidance, in the batch
+    [negative prompt x P; prompts]."""
+    texts = prompts if guidance <= 1 else [NEGATIVE_PROMPT] * len(prompts) + prompts
+    return tuple(torch.cat(parts) for parts in zip(*(encode(text) for text in texts)))
 
 
 def with_guidance(predict: Predict, guidance: float) -> Predict:

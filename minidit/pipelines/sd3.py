@@ -83,6 +83,7 @@ class SD3Recipe:
     # ---- prompts and text --------------------------------------------------------------------------------
 
     default_prompts, parse_prompt = recipe.text_prompts, recipe.as_given  # TEXT_PROMPTS; any text, as given
+    batch_key = recipe.same_batch  # every prompt's text has the same length (padded)
 
     def prepare(self, prompts: list[str]) -> None:
         """Encode every prompt (and the empty negative prompt) once, then release the three text encoders."""
@@ -119,11 +120,12 @@ class SD3Recipe:
         return {"resolution": list(self.resolution), "frames": None, "max_sequence_length": self.max_sequence_length}
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int, scheduler: FlowMatchEuler, guidance: float) -> torch.Tensor:
-        """Final latents (1, 16, H / 8, W / 8) at the requested size (H, W), from the noise of `seed`."""
+    def generate(self, prompts: list[str], seed: int, scheduler: FlowMatchEuler, guidance: float) -> torch.Tensor:
+        """Final latents (P, 16, H / 8, W / 8) at the requested size (H, W), from the noise of `seed`."""
         h, w = (side // self.vae_scale for side in self.resolution)
-        noise = recipe.initial_noise((1, self.model.config.in_channels, h, w), seed, self.dtype, self.device)
-        text, pooled = recipe.text_batch(self.encode, prompt, guidance)  # [uncond; cond] with guidance
+        noise = recipe.prompt_noise(len(prompts), (self.model.config.in_channels, h, w), seed, self.dtype,
+                                    self.device)
+        text, pooled = recipe.text_batch(self.encode, prompts, guidance)  # [uncond; cond] with guidance
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             timestep = torch.full((len(x),), t, dtype=torch.float32, device=self.device)  # 1000 sigma, float32

@@ -1,0 +1,106 @@
+"""Several processes filling one run directory: `torchrun --nproc_per_node=K analyze.py ...` (and multi-node torchrun).
+
+torchrun starts K copies of the command and tells each its place in the environment (RANK, WORLD_SIZE,
+LOCAL_RANK). minidit uses torch.distributed only to agree: rank 0 opens the run directory (and holds its lock)
+while the others wait, every rank samples every K-th missing prompt and writes its records itself (records
+are independent files), and rank 0 aggregates once all have finished. NCCL joins the ranks on GPUs (one GPU per
+rank: cuda:LOCAL_RANK), gloo on CPUs. A rank that dies takes its prompt in flight with it, nothing else: the
+others' records are whole files, and `--resume` (under torchrun or not) samples only what is missing.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from minidit.errors import MiniditError
+
+T = TypeVar("T")
+TIMEOUT = timedelta(hours=6)  # how long a rank waits for the others at a barrier (a slow rank is not a dead one)
+
+
+class OtherRankFailed(MiniditError):
+    """Rank 0 stopped with an error of its own, which it reports; the other ranks stop quietly."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.rank, self.world
+
+
+def from_environment() -> Ranks:
+    """This process's place among torchrun's processes (a single process when not started by torchrun)."""
+    if "WORLD_SIZE" not in os.environ:
+        return Ranks()
+    try:
+        return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    except (KeyError, ValueError):
+        raise MiniditError("WORLD_SIZE is set but RANK is missing or not a number: start several processes with "
+                           "torchrun, not by setting the variables by hand") from None
+
+
+def rank_device(device: str, ranks: Ranks) -> str:
+    """The device of this rank: with several ranks on CUDA, cuda:LOCAL_RANK (a device index given is refused)."""
+    if ranks.world == 1 or not device.startswith("cuda"):
+        return device
+    if device != "cuda":
+        raise MiniditError(f"--device {device} under torchrun: pass --device cuda, each rank takes cuda:LOCAL_RANK")
+    if ranks.local_rank >= torch.cuda.device_count():
+        raise MiniditError(f"rank {ranks.rank} needs cuda:{ranks.local_rank}, this machine has "
+                           f"{torch.cuda.device_count()} GPUs: pass --nproc_per_node at most the number of GPUs")
+    torch.cuda.set_device(ranks.local_rank)
+    return f"cuda:{ranks.local_rank}"
+
+
+def join(ranks: Ranks, device: str) -> None:
+    """Join the other ranks (NCCL on CUDA, gloo otherwise); nothing to do for a single process."""
+    if ranks.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
+
+
+def leave(ranks: Ranks) -> None:
+    if ranks.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def on_leader(ranks: Ranks, work: Callable[[], T]) -> T | None:
+    """Run `work` on rank 0 while the other ranks wait; if it fails there, they fail too (OtherRankFailed) and rank
+    0 raises its own error, so the command stops everywhere with one message."""
+    if ranks.world == 1:
+        return work()
+    result, error = None, None
+    if ranks.leader:
+        try:
+            result = work()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are told
+            error = e
+    failed = [error is not None]
+    dist.broadcast_object_list(failed, src=0)
+    if error is not None:
+        raise error
+    if failed[0]:
+        raise OtherRankFailed("")
+    return result
+
+
+def gather(ranks: Ranks, value: T) -> list[T]:
+    """Every rank's `value`, in rank order, on every rank (waits for all of them)."""
+    if ranks.world == 1:
+        return [value]
+    values = [None] * ranks.world
+    dist.all_gather_object(values, value)
+    return values
