@@ -18,10 +18,12 @@ A run directory holds manifest.json, one record per prompt, summary.csv, cv.csv 
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from minidit.analysis import distributed
 from minidit.errors import MiniditError, error_line
+from minidit.pipelines import ModelSpec
 from minidit.pipelines.recipe import OPTIONS, Recipe
 
 
@@ -154,24 +156,67 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass
+class Loaded:
+    """What the runs of one command share: the model, loaded once, its prompts, and where it runs."""
+
+    recipe: Recipe
+    spec: ModelSpec
+    folder: Path
+    prompts: list[str]
+    source: str  # the prompts' origin, for the manifest
+    device: str
+    dtype: str
+    ranks: distributed.Ranks
+
+
 def analyze(args: argparse.Namespace) -> Path | None:
     """Fill the run directory (this process's share under torchrun), then aggregate it (rank 0). With several
     step counts or schedulers (a sweep), one run directory per combination under --out, then their comparison."""
     from minidit.analysis import RunDir
-    from minidit.api import load_backbone, resolve_weights
     from minidit.pipelines import model_spec, recipe_class
 
     apply_preset(args)
-    if args.seed is None:
-        args.seed = 0
     spec = model_spec(args.model)
     recipe_type = recipe_class(spec.family)  # what it takes, read before its weights are loaded
-    step_counts = args.steps or [None]
-    schedulers = args.scheduler or [recipe_type.default_scheduler]
-    for steps in step_counts:
-        if steps is not None and steps < 2:
+    step_counts, schedulers = args.steps or [None], args.scheduler or [recipe_type.default_scheduler]
+    options = check_args(args, spec, recipe_type)
+    ranks = distributed.from_environment()
+    device = distributed.rank_device(args.device or default_device(), ranks)
+    distributed.join(ranks, device)
+    sweep = len(step_counts) * len(schedulers) > 1
+    early = RunDir(args.out) if args.out is not None and not sweep else None
+    try:
+        if early is not None:  # a run directory in use is refused before the weights are loaded
+            distributed.on_leader(ranks, early.hold)
+        loaded = load(args, spec, options, ranks, device)
+        combinations = [(name, steps or loaded.recipe.default_steps) for name in schedulers for steps in step_counts]
+        if not sweep:
+            name, steps = combinations[0]
+            out = Path(args.out or f"runs/{spec.name}-{name}-{steps}steps")
+            return measure(loaded, args, early or RunDir(out), name, steps)
+        parent = Path(args.out or f"runs/{spec.name}-{'+'.join(schedulers)}-"
+                                  f"{'+'.join(str(s) for _, s in combinations[:len(step_counts)])}steps")
+        outs = []
+        for name, steps in combinations:
+            outs.append(parent / f"{name}-{steps}steps")
+            if ranks.leader:
+                print(f"sweep {len(outs)} of {len(combinations)}: {name}, {steps} steps", file=sys.stderr)
+            measure(loaded, args, RunDir(outs[-1]), name, steps)
+        if ranks.leader:
+            compare_runs(outs, [out.name for out in outs], parent)
+        return parent
+    finally:
+        if early is not None:
+            early.release()
+
+
+def check_args(args: argparse.Namespace, spec: ModelSpec, recipe_type: type[Recipe]) -> dict:
+    """Every check that needs no weights, before any are loaded; returns the recipe options given."""
+    for steps in args.steps or []:
+        if steps < 2:
             raise MiniditError(f"--steps must be at least 2 (the analysis compares consecutive steps), got {steps}")
-    for name in schedulers:
+    for name in args.scheduler or []:
         if name not in recipe_type.schedulers:
             raise MiniditError(f"{spec.name} has no scheduler {name!r}; choose one of "
                                f"{', '.join(recipe_type.schedulers)}")
@@ -182,63 +227,47 @@ def analyze(args: argparse.Namespace) -> Path | None:
         raise MiniditError(f"--save-images: minidit has no decoder for {spec.name} yet (its 3D VAE is a later "
                            f"piece of work); run without it, or keep the final latents with --save-latents")
     check_paths(args)
-    ranks = distributed.from_environment()
-    device = distributed.rank_device(args.device or default_device(), ranks)
+    return options
+
+
+def load(args: argparse.Namespace, spec: ModelSpec, options: dict, ranks: distributed.Ranks, device: str) -> Loaded:
+    """The weights (downloaded by rank 0 first; the others then find them in the cache their machine shares), the
+    recipe built on them, and the prompts, each checked by the recipe."""
+    from minidit.api import load_backbone, resolve_weights
+
+    def resolve() -> Path:
+        return resolve_weights(spec, args.weights, args.revision, args.download_dir)
+
+    folder = distributed.on_leader(ranks, resolve)
+    folder = folder if ranks.leader else resolve()
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
-    distributed.join(ranks, device)
-    sweep = len(step_counts) * len(schedulers) > 1
-    early = RunDir(args.out) if args.out is not None and not sweep else None
-    try:
-        if early is not None:  # a run directory in use is refused before the weights are loaded
-            distributed.on_leader(ranks, early.hold)
-        # rank 0 downloads first; the others then find the files in the cache (shared by the ranks of a machine)
-        folder = distributed.on_leader(ranks, lambda: resolve_weights(spec, args.weights, args.revision,
-                                                                      args.download_dir))
-        if not ranks.leader:
-            folder = resolve_weights(spec, args.weights, args.revision, args.download_dir)
-        recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
-        prompts, source = read_prompts(args.prompts, args.num_prompts, list(spec.prompts) or recipe.default_prompts())
-        for prompt in prompts:
-            recipe.parse_prompt(prompt)
-        combinations = [(name, steps or recipe.default_steps) for name in schedulers for steps in step_counts]
-        if not sweep:
-            name, steps = combinations[0]
-            out = Path(args.out or f"runs/{spec.name}-{name}-{steps}steps")
-            return measure(recipe, spec, args, ranks, early or RunDir(out), name, steps, prompts, source,
-                           folder, device, dtype)
-        parent = Path(args.out or f"runs/{spec.name}-{'+'.join(schedulers)}-"
-                                  f"{'+'.join(str(s) for _, s in combinations[:len(step_counts)])}steps")
-        outs = []
-        for name, steps in combinations:
-            outs.append(parent / f"{name}-{steps}steps")
-            if ranks.leader:
-                print(f"sweep {len(outs)} of {len(combinations)}: {name}, {steps} steps", file=sys.stderr)
-            measure(recipe, spec, args, ranks, RunDir(outs[-1]), name, steps, prompts, source, folder, device, dtype)
-        if ranks.leader:
-            compare_runs(outs, [out.name for out in outs], parent)
-        return parent
-    finally:
-        if early is not None:
-            early.release()
+    recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
+    prompts, source = read_prompts(args.prompts, args.num_prompts, list(spec.prompts) or recipe.default_prompts())
+    for prompt in prompts:
+        recipe.parse_prompt(prompt)
+    return Loaded(recipe, spec, folder, prompts, source, device, dtype, ranks)
 
 
-def measure(recipe: Recipe, spec, args: argparse.Namespace, ranks: distributed.Ranks, run, scheduler_name: str,
-            steps: int, prompts: list[str], source: str, folder: Path, device: str, dtype: str) -> Path | None:
+def measure(loaded: Loaded, args: argparse.Namespace, run, scheduler_name: str, steps: int) -> Path | None:
     """One run: open (or resume) `run`, sample this rank's share of the missing prompts, aggregate on rank 0."""
     from minidit.analysis.engine import build_manifest, note_progress, run_prompts
 
+    recipe, spec, ranks, prompts = loaded.recipe, loaded.spec, loaded.ranks, loaded.prompts
     guidance = recipe.default_guidance if args.guidance is None else args.guidance
+    seed = 0 if args.seed is None else args.seed
     scheduler = recipe.make_scheduler(scheduler_name, steps)
-    manifest = build_manifest(recipe, spec, weights=str(args.weights or spec.repo or folder), revision=args.revision,
-                              dtype=dtype, device=device, scheduler=scheduler, guidance=guidance, seed=args.seed,
-                              prompt_source=source, n_prompts=len(prompts), prev_on_host=args.prev_on_host)
+    manifest = build_manifest(recipe, spec, weights=str(args.weights or spec.repo or loaded.folder),
+                              revision=args.revision, dtype=loaded.dtype, device=loaded.device, scheduler=scheduler,
+                              guidance=guidance, seed=seed, prompt_source=loaded.source, n_prompts=len(prompts),
+                              prev_on_host=args.prev_on_host)
     try:
         distributed.on_leader(ranks, lambda: run.open(manifest, prompts, resume=args.resume))
         if ranks.leader:
             where = f" in {ranks.world} processes" if ranks.world > 1 else ""
-            print(f"{spec.name}: {len(prompts)} prompts x {steps} steps ({scheduler_name}, guidance {guidance}) "
-                  f"on {device}{where} in {dtype}, batch size {args.batch_size} -> {run.path}", file=sys.stderr)
-        done = run_prompts(recipe, prompts, run, scheduler=scheduler, guidance=guidance, seed=args.seed,
+            print(f"{spec.name}: {len(prompts)} prompts x {steps} steps ({scheduler_name}, guidance {guidance}) on "
+                  f"{loaded.device}{where} in {loaded.dtype}, batch size {args.batch_size} -> {run.path}",
+                  file=sys.stderr)
+        done = run_prompts(recipe, prompts, run, scheduler=scheduler, guidance=guidance, seed=seed,
                            batch_size=args.batch_size, shard=ranks.shard, save_images=args.save_images,
                            save_latents=args.save_latents, prev_on_host=args.prev_on_host, progress=ranks.leader)
         done = distributed.gather(ranks, done)  # waits for every rank to finish its prompts

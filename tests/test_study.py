@@ -259,10 +259,10 @@ def test_a_file_size_limit_stops_the_run_cleanly(study, tmp_path):
     assert (out / "summary.csv").read_bytes() == (whole / "summary.csv").read_bytes()
 
 
-def test_resume_names_every_setting_that_differs(capsys, study, tmp_path):
+@pytest.mark.any_cpu
+def test_resume_names_every_setting_that_differs(capsys, tmp_path):
     """--resume with other settings than the manifest's is refused, naming the fields; other prompts in a file of the
     same name count (the manifest keeps the prompts' digest)."""
-    common, whole = study
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 3) + "\n")
     out = tmp_path / "run"
