@@ -8,8 +8,9 @@
     python analyze.py --model mochi --device cuda --prev-on-host --save-latents   # Mochi 1 preview, 19 frames
     python analyze.py --model opensora --device cuda --save-latents   # Open-Sora 1.2: 51 frames at 240x426
     python analyze.py --model dit-tiny --steps 20 --out runs/tiny-20
-    torchrun --nproc_per_node=4 analyze.py --model pixart --prompts coco:captions_val2014.json --num-prompts 1000 \
-        --batch-size 4      # 4 GPUs, 4 prompts per forward each: one run directory, aggregated by rank 0
+    python analyze.py --model flux-dev --device cuda --steps 14,28,56 --scheduler flux,sd3   # 6 runs, compared
+    python analyze.py --model pixart --device cuda --preset paper --prompts caption1000.txt --batch-size 4
+    torchrun --nproc_per_node=8 analyze.py --model pixart --device cuda --prompts coco:captions_val2014.json
     python analyze.py --compare runs/flux-tiny-flux-28steps runs/flux-tiny-sd3-14steps --out runs/ablation
     python analyze.py --aggregate runs/flux-tiny-flux-28steps   # rebuild tables and figures from the records
 
