@@ -198,6 +198,32 @@ def test_a_killed_rank_leaves_the_others_records_and_resume_under_torchrun_finis
     assert (out / "summary.csv").read_bytes() == (whole / "summary.csv").read_bytes()
 
 
+@pytest.mark.any_cpu
+@pytest.mark.parametrize("moment", ["opened", "first record", "aggregating"])
+def test_kill_9_at_other_moments_then_resume(study, tmp_path, moment):
+    """kill -9 once the run directory is opened (no record yet), once the first record is written, and once every
+    record is (aggregation and figures under way; tests/test_analysis.py kills mid-run): --resume then gives the
+    uninterrupted run's summary.csv byte for byte."""
+    common, whole = study
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "analyze.py"), *common, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ,
+                                                                                       "OMP_NUM_THREADS": "1"})
+    reached = {"opened": lambda: (out / "manifest.json").exists(),
+               "first record": lambda: (out / "records" / "000000.npz").exists(),
+               "aggregating": lambda: len(list((out / "records").glob("[0-9]*.npz"))) == 9}[moment]
+    deadline = time.time() + 120
+    while time.time() < deadline and not reached():
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert not (out / "summary.csv").exists() or moment == "aggregating"
+    resumed = run_cli(*common, "--out", str(out), "--resume", env={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "summary.csv").read_bytes() == (whole / "summary.csv").read_bytes()
+    assert (out / "cv.csv").read_bytes() == (whole / "cv.csv").read_bytes()
+
+
 # ---- the run lock -------------------------------------------------------------------------------------------------
 
 @pytest.mark.any_cpu
