@@ -402,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             finish(Path(args.aggregate))
         else:
             analyze(args)
-    except distributed.OtherRankFailed:  # rank 0 says what went wrong
+    except distributed.Reported:  # rank 0 has said what went wrong; torchrun may now stop this process quietly
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         return 2
     except (MiniditError, OSError) as e:  # OSError: a file-system failure at a place that does not report its own
         if ranks.leader:  # under torchrun every rank meets the same error; one line is enough
@@ -410,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"{what}: finished prompts are saved; rerun the same command with --resume to continue",
-              file=sys.stderr)
+        if ranks.leader:
+            print(f"{what}: finished prompts are saved; rerun the same command with --resume to continue",
+                  file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
         distributed.leave(ranks)

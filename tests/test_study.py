@@ -236,9 +236,12 @@ def test_a_second_run_on_a_held_directory_is_refused_and_a_killed_run_leaves_no_
     while time.time() < deadline and not (out / "records" / "000000.npz").exists():
         time.sleep(0.02)
     second = run_cli(*common, "--out", str(out), "--resume")
-    assert second.returncode == 2
-    assert second.stderr.strip() == (f"error: {out} is in use by another run (process {first.pid} on "
-                                     f"{os.uname().nodename}): wait for it to end, or choose another --out")
+    refused = (f"error: {out} is in use by another run (process {first.pid} on {os.uname().nodename}): wait for it "
+               f"to end, or choose another --out")
+    assert second.returncode == 2 and second.stderr.strip() == refused
+    ranks = torchrun(*common, "--out", str(out), "--resume")  # rank 0 says why before torchrun's own report
+    _, err = ranks.communicate(timeout=120)
+    assert ranks.returncode != 0 and err.splitlines()[0] == refused, err
     first.kill()  # kill -9: the OS releases the lock with the process
     first.wait()
     resumed = run_cli(*common, "--out", str(out), "--resume")

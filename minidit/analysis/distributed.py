@@ -9,6 +9,7 @@ others' records are whole files, and `--resume` (under torchrun or not) samples 
 """
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,14 +18,14 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from minidit.errors import MiniditError
+from minidit.errors import MiniditError, error_line
 
 T = TypeVar("T")
 TIMEOUT = timedelta(hours=6)  # how long a rank waits for the others at a barrier (a slow rank is not a dead one)
 
 
-class OtherRankFailed(MiniditError):
-    """Rank 0 stopped with an error of its own, which it reports; the other ranks stop quietly."""
+class Reported(MiniditError):
+    """An error rank 0 has printed already: every rank stops (exit code 2) without another word."""
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,18 @@ def leave(ranks: Ranks) -> None:
 
 
 def on_leader(ranks: Ranks, work: Callable[[], T]) -> T | None:
-    """Run `work` on rank 0 while the other ranks wait; if it fails there, they fail too (OtherRankFailed) and rank
-    0 raises its own error, so the command stops everywhere with one message."""
+    """Run `work` on rank 0 while the other ranks wait; if it fails there, every rank stops. Rank 0 prints the
+    error before it tells the others (`Reported`): once one rank exits, torchrun stops the rest, so a line printed
+    later might never be."""
     if ranks.world == 1:
         return work()
     result, error = None, None
     if ranks.leader:
         try:
             result = work()
+        except (MiniditError, OSError) as e:
+            print(error_line(e), file=sys.stderr, flush=True)
+            error = Reported(str(e))
         except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are told
             error = e
     failed = [error is not None]
@@ -93,7 +98,7 @@ def on_leader(ranks: Ranks, work: Callable[[], T]) -> T | None:
     if error is not None:
         raise error
     if failed[0]:
-        raise OtherRankFailed("")
+        raise Reported("rank 0 failed")
     return result
 
 
