@@ -240,7 +240,7 @@ def load(args: argparse.Namespace, spec: ModelSpec, options: dict, ranks: distri
         return resolve_weights(spec, args.weights, args.revision, args.download_dir)
 
     folder = distributed.on_leader(ranks, resolve)
-    folder = folder if ranks.leader else resolve()
+    folder = folder if ranks.leader else resolve()  # its own machine's cache
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     recipe = load_backbone(spec.name, weights_dir=folder, dtype=dtype, device=device, **options)
     prompts, source = read_prompts(args.prompts, args.num_prompts, list(spec.prompts) or recipe.default_prompts())
@@ -251,7 +251,7 @@ def load(args: argparse.Namespace, spec: ModelSpec, options: dict, ranks: distri
 
 def measure(loaded: Loaded, args: argparse.Namespace, run, scheduler_name: str, steps: int) -> Path | None:
     """One run: open (or resume) `run`, sample this rank's share of the missing prompts, aggregate on rank 0."""
-    from minidit.analysis.engine import build_manifest, note_progress, run_prompts
+    from minidit.analysis.engine import build_manifest, missing_prompts, note_progress, run_prompts
 
     recipe, spec, ranks, prompts = loaded.recipe, loaded.spec, loaded.ranks, loaded.prompts
     guidance = recipe.default_guidance if args.guidance is None else args.guidance
@@ -268,9 +268,12 @@ def measure(loaded: Loaded, args: argparse.Namespace, run, scheduler_name: str, 
             print(f"{spec.name}: {len(prompts)} prompts x {steps} steps ({scheduler_name}, guidance {guidance}) on "
                   f"{loaded.device}{where} in {loaded.dtype}, batch size {args.batch_size} -> {run.path}",
                   file=sys.stderr)
+        # rank 0 lists the missing prompts before anyone writes a record; rank r samples every K-th from the r-th
+        todo = distributed.on_leader(ranks, lambda: missing_prompts(run, len(prompts)))
         done = run_prompts(recipe, prompts, run, scheduler=scheduler, guidance=guidance, seed=seed,
-                           batch_size=args.batch_size, shard=ranks.shard, save_images=args.save_images,
-                           save_latents=args.save_latents, prev_on_host=args.prev_on_host, progress=ranks.leader)
+                           batch_size=args.batch_size, todo=todo[ranks.rank::ranks.world],
+                           save_images=args.save_images, save_latents=args.save_latents,
+                           prev_on_host=args.prev_on_host, progress=ranks.leader)
         done = distributed.gather(ranks, done)  # waits for every rank to finish its prompts
         if not ranks.leader:
             return None

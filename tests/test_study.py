@@ -372,24 +372,24 @@ def test_preset_error_is_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("error: --preset paper runs 1000 prompts")
 
 
-def test_run_prompts_shards_the_missing_prompts(tmp_path):
-    """run_prompts' shard (rank, ranks): every ranks-th missing prompt from the rank-th, so the ranks share the
-    work and a resumed run shares only what is missing."""
-    from minidit.analysis.engine import build_manifest
+def test_the_missing_prompts_and_a_share_of_them(tmp_path, capsys):
+    """missing_prompts lists what a resumed run still needs (rank 0 lists it for every rank under torchrun), and
+    run_prompts samples the share it is given (rank r of K: every K-th from the r-th)."""
+    from minidit.analysis.engine import build_manifest, missing_prompts
     from minidit.pipelines import model_spec
 
     recipe = minidit.load_backbone("dit-tiny")
     prompts = recipe.default_prompts()[:4] * 2
-    out = RunDir(tmp_path / "sharded")
+    out = RunDir(tmp_path / "shared")
     scheduler = recipe.make_scheduler("ddim", 3)
     manifest = build_manifest(recipe, model_spec("dit-tiny"), weights="w", revision=None, dtype="fp32",
                               device="cpu", scheduler=scheduler, guidance=4.0, seed=0, prompt_source="test",
                               n_prompts=len(prompts), prev_on_host=False)
     out.open(manifest, prompts, resume=False)
-    done = run_prompts(recipe, prompts, out, scheduler=scheduler, guidance=4.0, seed=0, shard=(1, 3),
-                       progress=False)
+    assert missing_prompts(out, len(prompts)) == list(range(8))
+    done = run_prompts(recipe, prompts, out, scheduler=scheduler, guidance=4.0, seed=0,
+                       todo=list(range(8))[1::3], progress=False)
     assert done["done"] == 3 and out.done() == {1, 4, 7}
-    done = run_prompts(recipe, prompts, out, scheduler=scheduler, guidance=4.0, seed=0, shard=(0, 2),
-                       progress=False)
-    assert out.done() == {0, 1, 3, 4, 6, 7} and done["done"] == 3  # missing 0 2 3 5 6: rank 0 of 2 takes 0 3 6
+    assert missing_prompts(out, len(prompts)) == [0, 2, 3, 5, 6]
+    assert "resuming: 3 of 8 prompts already done" in capsys.readouterr().err
     out.release()

@@ -38,10 +38,6 @@ class Ranks:
     def leader(self) -> bool:
         return self.rank == 0
 
-    @property
-    def shard(self) -> tuple[int, int]:
-        return self.rank, self.world
-
 
 def from_environment() -> Ranks:
     """This process's place among torchrun's processes (a single process when not started by torchrun)."""
@@ -78,10 +74,10 @@ def leave(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
-def on_leader(ranks: Ranks, work: Callable[[], T]) -> T | None:
-    """Run `work` on rank 0 while the other ranks wait; if it fails there, every rank stops. Rank 0 prints the
-    error before it tells the others (`Reported`): once one rank exits, torchrun stops the rest, so a line printed
-    later might never be."""
+def on_leader(ranks: Ranks, work: Callable[[], T]) -> T:
+    """Run `work` on rank 0 while the other ranks wait, and give its result to every rank (a small object: it is
+    pickled). If it fails there, every rank stops. Rank 0 prints the error before it tells the others (`Reported`):
+    once one rank exits, torchrun stops the rest, so a line printed later might never be."""
     if ranks.world == 1:
         return work()
     result, error = None, None
@@ -93,13 +89,13 @@ def on_leader(ranks: Ranks, work: Callable[[], T]) -> T | None:
             error = Reported(str(e))
         except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are told
             error = e
-    failed = [error is not None]
-    dist.broadcast_object_list(failed, src=0)
+    message = [error is not None, result]
+    dist.broadcast_object_list(message, src=0)
     if error is not None:
         raise error
-    if failed[0]:
+    if message[0]:
         raise Reported("rank 0 failed")
-    return result
+    return message[1]
 
 
 def gather(ranks: Ranks, value: T) -> list[T]:

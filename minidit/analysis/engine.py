@@ -61,22 +61,25 @@ def scheduler_manifest(scheduler: Scheduler) -> dict:
     return {"name": scheduler.name, **flow, "config": asdict(scheduler.cfg)}
 
 
-def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: Scheduler, guidance: float, seed: int,
-                batch_size: int = 1, shard: tuple[int, int] = (0, 1), save_images: bool = False,
-                save_latents: bool = False, prev_on_host: bool = False, progress: bool = True) -> dict:
-    """Sample and record the prompts whose record is missing (of them, this process's `shard`, (rank, ranks):
-    every ranks-th from the rank-th), `batch_size` prompts per backbone call. Returns what this process did, for
-    `note_progress`."""
-    steps = len(scheduler.timesteps)
+def missing_prompts(run: RunDir, count: int, report: bool = True) -> list[int]:
+    """The prompts of `count` whose record is missing or damaged (to recompute), saying so when `report`."""
     sound, damage = run.sound_records()
-    todo = [i for i in range(len(prompts)) if i not in sound]
-    rank, ranks = shard
-    if progress:
+    todo = [i for i in range(count) if i not in sound]
+    if report:
         for i, why in damage.items():
             print(f"record {run.record_path(i)} is damaged ({why}): recomputing prompt {i}", file=sys.stderr)
-        if len(todo) < len(prompts):
-            print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done", file=sys.stderr)
-    mine = todo[rank::ranks]
+        if len(todo) < count:
+            print(f"resuming: {count - len(todo)} of {count} prompts already done", file=sys.stderr)
+    return todo
+
+
+def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: Scheduler, guidance: float, seed: int,
+                batch_size: int = 1, todo: list[int] | None = None, save_images: bool = False,
+                save_latents: bool = False, prev_on_host: bool = False, progress: bool = True) -> dict:
+    """Sample and record the prompts `todo` (indices; by default every one whose record is missing),
+    `batch_size` prompts per backbone call. Returns what this process did, for `note_progress`."""
+    steps = len(scheduler.timesteps)
+    mine = missing_prompts(run, len(prompts), progress) if todo is None else todo
     started_all = time.perf_counter()
     recipe.prepare([prompts[i] for i in mine])  # e.g. encode every prompt once, then free the text encoder
     held = host = 0
