@@ -86,6 +86,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compare", nargs="+", metavar="RUN", help="compare finished runs (needs --out)")
     p.add_argument("--labels", nargs="+", help="with --compare: one label per run (default: folder names)")
     p.add_argument("--aggregate", metavar="RUN", help="rebuild summary.csv, cv.csv and figures of a run")
+    p.add_argument("--plan", metavar="RUN", help="write a caching plan from a finished run to --out PLAN.json: which "
+                                                 "attention and feed-forward outputs a sampler may reuse, per step "
+                                                 "and layer (needs --budget)")
+    p.add_argument("--budget", type=float, metavar="F", help="with --plan: the fraction of block computations to "
+                                                             "skip, 0 <= F < 1")
+    p.add_argument("--method", default="measured", help="with --plan: measured (the run's lowest-change cells, "
+                                                        "default), fora, pab or smoothcache (the baselines)")
     return p.parse_args(argv)
 
 
@@ -377,6 +384,18 @@ def compare_runs(paths: list[Path], labels: list[str], out: Path) -> Path:
     return out
 
 
+def make_plan(args: argparse.Namespace) -> Path:
+    from minidit.caching import plan_command
+
+    if args.budget is None or not args.out:
+        raise MiniditError("--plan RUN needs --budget F (the fraction of block computations to skip) and --out "
+                           "PLAN.json")
+    plan = plan_command(args.plan, args.budget, args.out, args.method)
+    print(plan.summary(), file=sys.stderr)
+    print(f"plan written to {args.out}", file=sys.stderr)
+    return Path(args.out)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler stopping the job, `kill`), handled as Ctrl-C is."""
 
@@ -403,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             compare(args)
         elif args.aggregate:
             finish(Path(args.aggregate))
+        elif args.plan:
+            make_plan(args)
         else:
             analyze(args)
     except distributed.Reported:  # rank 0 has said what went wrong; torchrun may now stop this process quietly

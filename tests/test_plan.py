@@ -298,3 +298,26 @@ def test_costs_weigh_the_budget(run):
     plan = from_run(run, 0.2, cost=cost)
     assert plan.skipped_fraction() == pytest.approx((plan.reuse * cost).sum() / (30 * cost.sum()))
     assert plan.skipped_fraction() >= 0.2
+
+
+def test_the_plan_command(tmp_path, capsys):
+    """analyze.py --plan RUN --budget F --out PLAN.json on a real run: the file loads, is for that run's model, steps
+    and layers, and skips the budget; a missing --budget and an unknown method are one line each."""
+    import analyze
+
+    run = tmp_path / "run"
+    assert analyze.main(["--model", "dit-tiny", "--steps", "12", "--num-prompts", "2", "--out", str(run)]) == 0
+    for method in ("measured", "fora", "pab", "smoothcache"):
+        out = tmp_path / f"{method}.json"
+        assert analyze.main(["--plan", str(run), "--budget", "0.2", "--method", method, "--out", str(out)]) == 0
+        plan = load(out)
+        manifest = RunDir(run).manifest()
+        plan.check_against("dit-tiny", [layer["name"] for layer in manifest["layers"]], 12)
+        # FORA's uniform period reaches only some budgets (0, or about 0.46 here): the nearest is taken
+        assert plan.method == method and abs(plan.skipped_fraction() - 0.2) <= (0.26 if method == "fora" else 0.02)
+    capsys.readouterr()
+    assert analyze.main(["--plan", str(run), "--out", str(tmp_path / "x.json")]) == 2
+    assert analyze.main(["--plan", str(run), "--budget", "0.2", "--method", "magic", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --plan RUN needs --budget F (the fraction of block computations to skip) and --out "
+                   "PLAN.json", "error: unknown plan method 'magic': choose one of measured, fora, pab, smoothcache"]
