@@ -56,9 +56,9 @@ MUTANTS = [
     Mutant("flux-single-A-after-proj", "FLUX single-stream A taken after the fused projection instead of before", (
         edit(FLUX, "        return attention_output(out, layer=self.layer, streams=streams)  # A before the fused "
                    "projection", "        return out"),
-        edit(FLUX, "        h = h + gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))",
-             "        h = h + gate[:, None] * attention_output(self.proj_out(torch.cat([a, mlp], dim=2)), "
-             "layer=self.attn.layer, streams=((\"txt\", lt), (\"img\", x.shape[1])))")),
+        edit(FLUX, "        update = gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))",
+             "        update = gate[:, None] * attention_output(self.proj_out(torch.cat([a, mlp], dim=2)), "
+             "layer=self.attn.layer, streams=streams)")),
         (CAPTURES, "tests/test_mmdit.py", "tests/test_mmdit_analysis.py", "tests/test_flux_pipeline.py")),
     Mutant("flux-double-A-before-to_out", "FLUX double-stream image A taken before to_out instead of after", (
         edit(FLUX, 'a_x = attention_output(self.to_out[0](out_x), layer=self.layer, streams="img")',
@@ -213,8 +213,8 @@ MUTANTS = [
              "self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-5)"),),
         ("tests/test_latte.py",)),
     Mutant("latte-temporal-shift-scale-swapped", "Latte temporal block FFN modulation with shift and scale swapped", (
-        edit("minidit/models/latte.py", "self.attn1(h, h)\n        x = x + gate_mlp[:, None] * self.ff(modulate("
-             "self.norm2(x), shift_mlp, scale_mlp))", "self.attn1(h, h)\n        x = x + gate_mlp[:, None] * "
+        edit("minidit/models/latte.py", "self.attn1(h, h)\n        f = feed_forward_output(self.ff(modulate("
+             "self.norm2(x), shift_mlp, scale_mlp))", "self.attn1(h, h)\n        f = feed_forward_output("
              "self.ff(modulate(self.norm2(x), scale_mlp, shift_mlp))"),),
         ("tests/test_latte.py",)),
     Mutant("latte-A-before-to_out", "Latte A (spatial, temporal, cross) taken before the output projection", (

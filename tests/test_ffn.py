@@ -203,6 +203,21 @@ def test_kva_are_unchanged_by_ffn(case, observed):
     assert torch.equal(o.latents_kvaf, o.latents_kva) and torch.equal(o.latents, o.latents_kva)
 
 
+@pytest.mark.parametrize("prev_on_host", [False, True])
+def test_f_on_the_large_capture_path(prev_on_host, observed, monkeypatch):
+    """Every capture reduced as it arrives, holding the model's own F (or its host copy) until the next step: the
+    same sums as the grouped small-capture path, float32 rounding apart, and the same samples (nothing the model
+    still uses was written to)."""
+    from minidit.analysis import recorder
+
+    o = observed("flux-tiny")
+    monkeypatch.setattr(recorder, "GROUP_BELOW_BYTES", 0)
+    latents, sums = minidit.sample(o.recipe, o.prompt, steps=STEPS, guidance=o.guidance, record=True, ffn=True,
+                                   prev_on_host=prev_on_host)
+    assert torch.equal(latents, o.latents_kvaf)
+    np.testing.assert_allclose(sums, o.kvaf, rtol=1e-5, atol=1e-6)
+
+
 def test_memory_rules_count_f(tmp_path):
     """memory.Setting.captures("KVAF") lists the capture sizes a recorder with F sees: Mochi's text F at the text
     width and none in the last block, as its text A."""
