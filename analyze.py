@@ -8,6 +8,7 @@
     python analyze.py --model mochi --device cuda --prev-on-host --save-latents   # Mochi 1 preview, 19 frames
     python analyze.py --model opensora --device cuda --save-latents   # Open-Sora 1.2: 51 frames at 240x426
     python analyze.py --model dit-tiny --steps 20 --out runs/tiny-20
+    python analyze.py --model flux-tiny --ffn           # the feed-forward outputs F too, beside K, V and A
     python analyze.py --model flux-dev --device cuda --steps 14,28,56 --scheduler flux,sd3   # 6 runs, compared
     python analyze.py --model pixart --device cuda --preset paper --prompts caption1000.txt --batch-size 4
     torchrun --nproc_per_node=8 analyze.py --model pixart --device cuda --prompts coco:captions_val2014.json
@@ -81,6 +82,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished prompts")
     p.add_argument("--save-images", action="store_true", help="write each prompt's image and a sample grid")
     p.add_argument("--save-latents", action="store_true", help="write each prompt's final latents (safetensors)")
+    p.add_argument("--ffn", action="store_true",
+                   help="also record F, each block's feed-forward output (before gate and residual; FLUX single-stream "
+                        "blocks: their whole update), filed under the block's attention layer")
     p.add_argument("--prev-on-host", action="store_true",
                    help="keep the previous step's K/V/A in host memory instead of on the accelerator")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="compare finished runs (needs --out)")
@@ -259,6 +263,7 @@ def load(args: argparse.Namespace, spec: ModelSpec, options: dict, ranks: distri
 def measure(loaded: Loaded, args: argparse.Namespace, run, scheduler_name: str, steps: int) -> Path | None:
     """One run: open (or resume) `run`, sample this rank's share of the missing prompts, aggregate on rank 0."""
     from minidit.analysis.engine import build_manifest, missing_prompts, note_progress, run_prompts
+    from minidit.analysis.recorder import tensors_to_record
 
     recipe, spec, ranks, prompts = loaded.recipe, loaded.spec, loaded.ranks, loaded.prompts
     guidance = recipe.default_guidance if args.guidance is None else args.guidance
@@ -267,7 +272,7 @@ def measure(loaded: Loaded, args: argparse.Namespace, run, scheduler_name: str, 
     manifest = build_manifest(recipe, spec, weights=str(args.weights or spec.repo or loaded.folder),
                               revision=args.revision, dtype=loaded.dtype, device=loaded.device, scheduler=scheduler,
                               guidance=guidance, seed=seed, prompt_source=loaded.source, n_prompts=len(prompts),
-                              prev_on_host=args.prev_on_host)
+                              prev_on_host=args.prev_on_host, tensors=tensors_to_record(args.ffn))
     try:
         distributed.on_leader(ranks, lambda: run.open(manifest, prompts, resume=args.resume))
         if ranks.leader:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from minidit import weights
-from minidit.analysis.recorder import Recorder
+from minidit.analysis.recorder import Recorder, tensors_to_record
 from minidit.errors import MiniditError
 from minidit.pipelines import MODELS, ModelSpec, model_spec, recipe_class
 from minidit.pipelines.recipe import Recipe
@@ -84,8 +84,9 @@ def load_backbone(name: str = "dit-tiny", *, weights_dir: str | Path | None = No
 
 def sample(recipe: Recipe, prompt: str, *, steps: int | None = None, scheduler: str | None = None,
            guidance: float | None = None, seed: int = 0, record: bool = False,
-           prev_on_host: bool = False) -> tuple[torch.Tensor, np.ndarray | None]:
-    """Sample one prompt. With `record`, also return its float64 sums [layer, stream, branch, tensor, d, 7]."""
+           prev_on_host: bool = False, ffn: bool = False) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Sample one prompt. With `record`, also return its float64 sums [layer, stream, branch, tensor, d, 7], the
+    tensors K, V, A, and with `ffn` F after them (the blocks' feed-forward output)."""
     steps = recipe.default_steps if steps is None else steps
     guidance = recipe.default_guidance if guidance is None else guidance
     name = scheduler or recipe.default_scheduler
@@ -95,7 +96,7 @@ def sample(recipe: Recipe, prompt: str, *, steps: int | None = None, scheduler: 
     if not record:
         return recipe.generate([prompt], seed, sched, guidance), None
     recorder = Recorder(recipe.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
-                        device=recipe.device, prev_on_host=prev_on_host)
+                        device=recipe.device, prev_on_host=prev_on_host, tensors=tensors_to_record(ffn))
     with recorder.attach(recipe.model):
         latents = recipe.generate([prompt], seed, sched, guidance)
     return latents, recorder.finish()[0]

@@ -3,7 +3,9 @@
 Each model computes q, k, v on visible lines (projection, head split, QK-norm, RoPE), then calls
 `attention(q, k, v, layer=...)`, projects the result and passes it through `attention_output(...)`.
 A recorder, when one is active (`recording(recorder)`), receives K and V at the first call and A at
-the second. With no recorder active both calls cost one `is None` test: no copies, no syncs.
+the second. The block's feed-forward output passes through `feed_forward_output(...)`, which hands it
+to the recorder as F, filed under the block's attention layer (the analysis records it with --ffn).
+With no recorder active each call costs one `is None` test: no copies, no syncs.
 
 `explicit_attention()` switches every call from PyTorch's fused kernel to the written-out
 softmax(Q K^T * scale + bias) V, without touching model code; tests prove the two agree.
@@ -32,6 +34,10 @@ class AttentionLayer:
     kind: str  # self | joint | cross | spatial | temporal
     streams: tuple[str, ...] = ("img",)
     a_point: str = "post_proj"  # where A is taken: after the output projection, or "pre_proj"
+    # where F is taken: "ffn", the block's FFN output after its last projection, before gate, residual or norm;
+    # "block", the block's whole update of the residual stream (FLUX single-stream: attention and MLP share one
+    # output projection, so the FFN has no output of its own); None: no F is filed under this layer (cross-attention)
+    f_point: str | None = "ffn"
 
 
 class Recorder(Protocol):
@@ -44,7 +50,7 @@ _explicit = False
 
 @contextlib.contextmanager
 def recording(recorder: Recorder) -> Iterator[None]:
-    """Route every K, V and A of every model to `recorder` inside the block."""
+    """Route every K, V, A and F of every model to `recorder` inside the block."""
     global _recorder
     previous, _recorder = _recorder, recorder
     try:
@@ -95,6 +101,14 @@ def attention_output(a: torch.Tensor, *, layer: str | None = None, streams: Stre
     if _recorder is not None and layer is not None:
         _recorder.capture(layer, "A", a, 1, streams)
     return a
+
+
+def feed_forward_output(f: torch.Tensor, *, layer: str | None = None, streams: Streams = "img") -> torch.Tensor:
+    """Hand the block's feed-forward output F, shaped (B, L, D), to the recorder, filed under the block's attention
+    layer `layer` (its self, joint, spatial or temporal attention, never a cross-attention); returns it unchanged."""
+    if _recorder is not None and layer is not None:
+        _recorder.capture(layer, "F", f, 1, streams)
+    return f
 
 
 def _explicit_attention(q, k, v, mask, scale) -> torch.Tensor:

@@ -156,7 +156,8 @@ def latte_width(steps: int, repeats: int) -> None:
 
         class HoldOnly:  # keeps the previous step's K, V and A as the recorder does, and computes nothing
             def capture(self, layer, tensor, x, token_dim, streams):
-                held[(layer, tensor)] = x
+                if tensor != "F":  # F only with --ffn, as the recorder
+                    held[(layer, tensor)] = x
 
         held = {}
 

@@ -49,15 +49,16 @@ GENMO_TESTS = (f"{MOCHI_PIPELINE}::test_genmo_table_is_the_inverse",
                f"{MOCHI_PIPELINE}::test_genmo_file_equals_the_hub_layout")
 CAPTURES = "tests/test_capture_points.py"
 FLUX_PIPELINE = "minidit/pipelines/flux.py"
+FFN_VALUE = "tests/test_ffn.py::test_f_is_the_ffn_output"
 
 MUTANTS = [
     # ---- capture points: the K, V, A the recorder receives
     Mutant("flux-single-A-after-proj", "FLUX single-stream A taken after the fused projection instead of before", (
         edit(FLUX, "        return attention_output(out, layer=self.layer, streams=streams)  # A before the fused "
                    "projection", "        return out"),
-        edit(FLUX, "        h = h + gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))",
-             "        h = h + gate[:, None] * attention_output(self.proj_out(torch.cat([a, mlp], dim=2)), "
-             "layer=self.attn.layer, streams=((\"txt\", lt), (\"img\", x.shape[1])))")),
+        edit(FLUX, "        update = gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))",
+             "        update = gate[:, None] * attention_output(self.proj_out(torch.cat([a, mlp], dim=2)), "
+             "layer=self.attn.layer, streams=streams)")),
         (CAPTURES, "tests/test_mmdit.py", "tests/test_mmdit_analysis.py", "tests/test_flux_pipeline.py")),
     Mutant("flux-double-A-before-to_out", "FLUX double-stream image A taken before to_out instead of after", (
         edit(FLUX, 'a_x = attention_output(self.to_out[0](out_x), layer=self.layer, streams="img")',
@@ -212,8 +213,8 @@ MUTANTS = [
              "self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-5)"),),
         ("tests/test_latte.py",)),
     Mutant("latte-temporal-shift-scale-swapped", "Latte temporal block FFN modulation with shift and scale swapped", (
-        edit("minidit/models/latte.py", "self.attn1(h, h)\n        x = x + gate_mlp[:, None] * self.ff(modulate("
-             "self.norm2(x), shift_mlp, scale_mlp))", "self.attn1(h, h)\n        x = x + gate_mlp[:, None] * "
+        edit("minidit/models/latte.py", "self.attn1(h, h)\n        f = feed_forward_output(self.ff(modulate("
+             "self.norm2(x), shift_mlp, scale_mlp))", "self.attn1(h, h)\n        f = feed_forward_output("
              "self.ff(modulate(self.norm2(x), scale_mlp, shift_mlp))"),),
         ("tests/test_latte.py",)),
     Mutant("latte-A-before-to_out", "Latte A (spatial, temporal, cross) taken before the output projection", (
@@ -440,6 +441,42 @@ MUTANTS = [
     Mutant("mochi-temporal-factor-4", "Mochi's frames counted with CogVideoX's 4x temporal compression", (
         edit(MOCHI_RECIPE, "VAE_SPATIAL, VAE_TEMPORAL = 8, 6", "VAE_SPATIAL, VAE_TEMPORAL = 8, 4"),),
         (f"{MOCHI_PIPELINE}::test_pipeline_final_latents",)),
+    # ---- F, the optional feed-forward capture (tests/test_ffn.py)
+    Mutant("ffn-dit-after-gate", "DiT F captured after the gate (gate_mlp * FFN) instead of before it", (
+        edit(DIT, "        f = feed_forward_output(self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp)), "
+                  "layer=self.attn1.layer)\n        x = x + gate_mlp[:, None] * f\n",
+             "        f = gate_mlp[:, None] * self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp))\n"
+             "        x = x + feed_forward_output(f, layer=self.attn1.layer)\n"),),
+        (f"{FFN_VALUE}[dit-tiny]",)),
+    Mutant("ffn-flux-single-before-proj_out", "FLUX single-stream F taken as the MLP's GELU output, before the fused "
+           "output projection (as its A is taken)", (
+        edit(FLUX, "        mlp = F.gelu(self.proj_mlp(h_in), approximate=\"tanh\")\n",
+             "        mlp = feed_forward_output(F.gelu(self.proj_mlp(h_in), approximate=\"tanh\"), "
+             "layer=self.attn.layer, streams=streams)\n"),
+        edit(FLUX, "h = h + feed_forward_output(update, layer=self.attn.layer, streams=streams)", "h = h + update")),
+        (f"{FFN_VALUE}[flux-tiny]",)),
+    Mutant("ffn-flux-single-without-gate", "FLUX single-stream F without the gate: proj_out's output, not the block's "
+           "update of the residual stream", (
+        edit(FLUX, "        update = gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))\n"
+                   "        h = h + feed_forward_output(update, layer=self.attn.layer, streams=streams)",
+             "        update = self.proj_out(torch.cat([a, mlp], dim=2))\n"
+             "        h = h + gate[:, None] * feed_forward_output(update, layer=self.attn.layer, streams=streams)"),),
+        (f"{FFN_VALUE}[flux-tiny]",)),
+    Mutant("ffn-sd3-txt-as-img", "SD3 text-stream F (ff_context) filed under the image stream", (
+        edit(SD3, 'feed_forward_output(f_c, layer=self.attn.layer, streams="txt")',
+             'feed_forward_output(f_c, layer=self.attn.layer, streams="img")'),),
+        (f"{FFN_VALUE}[sd3]",)),
+    Mutant("ffn-cogvideox-streams-swapped", "CogVideoX F labelled [img; txt] while its tokens are [txt; img]", (
+        edit("minidit/models/cogvideox.py", 'streams=(("txt", lt), ("img", x.shape[1])))\n        x = x + gate',
+             'streams=(("img", x.shape[1]), ("txt", lt)))\n        x = x + gate'),),
+        (f"{FFN_VALUE}[cogvideox]",)),
+    Mutant("ffn-resume-ignores-tensors", "a run with F resumable without it (tensors not part of the run's identity)", (
+        edit("minidit/analysis/rundir.py", '"streams", "branches", "tensors",', '"streams", "branches",'),),
+        ("tests/test_ffn.py::test_the_command_records_draws_and_guards_f",)),
+    Mutant("ffn-recorder-f-into-a", "the recorder files F in A's place of the record", (
+        edit("minidit/analysis/recorder.py", "self.tensor_index = {name: i for i, name in enumerate(self.tensors)}",
+             "self.tensor_index = {name: min(i, 2) for i, name in enumerate(self.tensors)}"),),
+        ("tests/test_ffn.py::test_kva_are_unchanged_by_ffn[dit-tiny]",)),
     # ---- prompts in batches (tests/test_study.py)
     Mutant("batch-noise-per-row", "a batch of prompts drawn as one (P, ...) tensor from the seed: each prompt's noise "
            "then depends on its place in the batch", (

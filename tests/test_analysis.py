@@ -29,13 +29,16 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 class CaptureAll:
-    """A recorder that keeps every captured tensor, in float64, for recomputation."""
+    """A recorder that keeps every captured tensor of `kinds`, in float64, for recomputation (F, the feed-forward
+    output, only when asked for: a run records it only with --ffn)."""
 
-    def __init__(self):
+    def __init__(self, kinds: str = "KVA"):
+        self.kinds = kinds
         self.seen = defaultdict(list)  # (layer, tensor) -> [step tensors]
 
     def capture(self, layer, tensor, x, token_dim, streams):
-        self.seen[(layer, tensor)].append(x.detach().double().clone())
+        if tensor in self.kinds:
+            self.seen[(layer, tensor)].append(x.detach().double().clone())
 
 
 def float64_metrics(prev: torch.Tensor, cur: torch.Tensor) -> dict[str, float]:

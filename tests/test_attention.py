@@ -194,9 +194,10 @@ def test_recorder_on_the_tiny_dit_sees_every_layer_and_changes_nothing():
     assert torch.equal(plain, recorded)
     layers = [layer.name for layer in model.attention_layers()]
     assert layers == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
-    assert [(c["layer"], c["tensor"]) for c in rec.calls] == [(name, kind) for name in layers for kind in "KVA"]
+    # K, V, A from the attention, then F, the block's FFN output, filed under the same layer
+    assert [(c["layer"], c["tensor"]) for c in rec.calls] == [(name, kind) for name in layers for kind in "KVAF"]
     tokens, heads, head_dim = (8 // 2) ** 2, 2, 8
     for c in rec.calls:
-        expected = (len(x), tokens, heads * head_dim) if c["tensor"] == "A" else (len(x), heads, tokens, head_dim)
+        expected = (len(x), tokens, heads * head_dim) if c["tensor"] in "AF" else (len(x), heads, tokens, head_dim)
         assert c["x"].shape == expected
         assert c["streams"] == "img"

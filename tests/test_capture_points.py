@@ -48,12 +48,16 @@ CASES = {
 
 
 class KeepAll:
-    """A recorder that keeps every tensor it receives, cut into its streams' token ranges along `token_dim`."""
+    """A recorder that keeps every tensor it receives of `kinds`, cut into its streams' token ranges along `token_dim`
+    (K, V and A by default; F, the blocks' feed-forward output, is checked in tests/test_ffn.py)."""
 
-    def __init__(self):
+    def __init__(self, kinds: str = "KVA"):
+        self.kinds = kinds
         self.tensors: dict[str, torch.Tensor] = {}  # "<layer>/<tensor>/<stream>" -> the tensor's tokens of that stream
 
     def capture(self, layer, tensor, x, token_dim, streams):
+        if tensor not in self.kinds:
+            return
         ranges = ((streams, x.shape[token_dim]),) if isinstance(streams, str) else streams
         names, lengths = zip(*ranges, strict=True)
         assert sum(lengths) == x.shape[token_dim], f"{layer} {tensor}: streams {streams} for shape {tuple(x.shape)}"

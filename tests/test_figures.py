@@ -27,7 +27,7 @@ def default_curve(layer: int, stream: int, tensor: int, u: np.ndarray, prompt: i
 
 
 def make_run(path: Path, *, layers: list[dict], streams=("img",), branches=("cond",), steps=20, prompts=3,
-             curve=default_curve, model="synthetic-dit", scheduler="ddim") -> Run:
+             curve=default_curve, model="synthetic-dit", scheduler="ddim", tensors=TENSORS) -> Run:
     """A run directory whose l1 in every recorded cell is `curve(layer, stream, tensor, u, prompt)`.
 
     A layer records the streams listed in its "streams" (default: img only); other cells stay empty (n = 0).
@@ -36,17 +36,17 @@ def make_run(path: Path, *, layers: list[dict], streams=("img",), branches=("con
     manifest = {"model": model, "steps": steps, "scheduler": {"name": scheduler},
                 "timesteps": list(np.linspace(999, 0, steps)), "sigmas": list(np.linspace(1, 0, steps)),
                 "guidance": 4.0 if len(branches) > 1 else 1.0, "layers": layers, "streams": list(streams),
-                "branches": list(branches)}
+                "branches": list(branches), "tensors": list(tensors)}
     run_dir = RunDir(path)
     run_dir.open(manifest, [f"prompt {p}" for p in range(prompts)], resume=False)
     for p in range(prompts):
-        sums = np.zeros((len(layers), len(streams), len(branches), len(TENSORS), steps - 1, 7))
+        sums = np.zeros((len(layers), len(streams), len(branches), len(tensors), steps - 1, 7))
         for li, layer in enumerate(layers):
             for si, stream in enumerate(streams):
                 if stream not in layer.get("streams", ("img",)):
                     continue
                 for bi in range(len(branches)):
-                    for ti in range(len(TENSORS)):
+                    for ti in range(len(tensors)):
                         l1 = curve(li, si, ti, u, p) * (1 + 0.2 * bi)
                         n, prev2 = ELEMENTS, ELEMENTS * SCALE ** 2
                         s_sq = n * l1 ** 2

@@ -142,10 +142,12 @@ def test_streams_are_recorded_by_token_range():
         run_flux(load_flux(G.FIXTURES / "flux-dev" / "transformer", dtype=torch.float32), inputs("flux-dev"))
     lt, l_img = G.SD3_TEXT, 15
     assert rec.calls["transformer_blocks.0.attn"][0][2] == (("img", l_img), ("txt", lt))
-    assert [c[2] for c in rec.calls["transformer_blocks.2.attn"]] == [(("img", l_img), ("txt", lt))] * 2 + ["img"]
+    # the last block has no text output: A and F of the image stream only
+    assert [c[2] for c in rec.calls["transformer_blocks.2.attn"]] == [(("img", l_img), ("txt", lt))] * 2 + ["img"] * 2
     flux_single = rec.calls["single_transformer_blocks.0.attn"]
-    assert [c[0] for c in flux_single] == ["K", "V", "A"]
+    assert [c[0] for c in flux_single] == ["K", "V", "A", "F"]  # F: the block's update, after its fused projection
     assert flux_single[2][2] == (("txt", G.FLUX_TEXT), ("img", 15)) and flux_single[2][1][-1] == 32
+    assert flux_single[3][1:] == flux_single[2][1:]  # F: (B, Lt + L, D) over [text; image], as A
 
 
 def test_bad_single_files_are_refused(tmp_path):

@@ -92,6 +92,8 @@ class CaptureStreams:
         self.seen = defaultdict(list)  # (layer, stream, tensor) -> [one tensor per step]
 
     def capture(self, layer, tensor, x, token_dim, streams):
+        if tensor == "F":  # the feed-forward output, recorded only with --ffn (tests/test_ffn.py)
+            return
         x = x.detach().double().clone()
         if tensor in ("K", "V"):  # SD3's joint K and V: [image; text] tokens on dim 2 of (B, Nh, L, Dh)
             assert (token_dim, x.shape[2]) == (2, self.n_img + self.n_txt), (layer, tensor, x.shape)

@@ -54,7 +54,8 @@ class Run:
 
     @property
     def tensors(self) -> tuple[str, ...]:
-        return TENSORS
+        """The record's tensor axis: K, V, A, and F when the run recorded it (--ffn)."""
+        return tuple(self.manifest.get("tensors", TENSORS))
 
     @property
     def transitions(self) -> np.ndarray:
@@ -117,7 +118,7 @@ def write_summary(run: Run, path: Path) -> int:
             for li, si, bi, ti in cells:
                 layer = run.layers[li]
                 for j, d in enumerate(run.transitions):
-                    out.writerow([li, layer["name"], layer["kind"], run.streams[si], run.branches[bi], TENSORS[ti],
+                    out.writerow([li, layer["name"], layer["kind"], run.streams[si], run.branches[bi], run.tensors[ti],
                                   d, _num(run.t[j]), _num(run.sigma[j]), _num(run.u[j]), metric,
                                   _num(mean[li, si, bi, ti, j]), _num(std[li, si, bi, ti, j]),
                                   _num(cv[li, si, bi, ti, j]), n_prompts])
@@ -131,7 +132,7 @@ def cv_table(run: Run) -> list[dict]:
     for metric in METRICS:
         cv = run.stats(metric)[2]  # [layer, stream, branch, tensor, d]
         for bi, branch in enumerate(run.branches):
-            for ti, tensor in enumerate(TENSORS):
+            for ti, tensor in enumerate(run.tensors):
                 cells = cv[:, :, bi, ti, :]
                 finite = np.isfinite(cells)
                 table.append({"metric": metric, "branch": branch, "tensor": tensor,

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import minidit
-from minidit.analysis.recorder import SUMS, TENSORS, Recorder, stream_axis
+from minidit.analysis.recorder import FFN, SUMS, TENSORS, Recorder, stream_axis
 from minidit.analysis.rundir import RunDir, make_folder, write_atomic
 from minidit.pipelines import ModelSpec
 from minidit.pipelines.recipe import Recipe, Scheduler
@@ -25,8 +25,14 @@ from minidit.schedulers.flow import FlowMatchEuler
 
 def build_manifest(recipe: Recipe, spec: ModelSpec, *, weights: str, revision: str | None, dtype: str, device: str,
                    scheduler: Scheduler, guidance: float, seed: int, prompt_source: str, n_prompts: int,
-                   prev_on_host: bool) -> dict:
+                   prev_on_host: bool, tensors: tuple[str, ...] = TENSORS) -> dict:
+    """The run's manifest. With F among `tensors` (--ffn), each layer says where its F is taken ("f_point")."""
     layers = recipe.attention_layers()
+    entries = [{"index": i, "name": layer.name, "kind": layer.kind, "streams": list(layer.streams),
+                "a_point": layer.a_point} for i, layer in enumerate(layers)]
+    if FFN in tensors:  # only then: a run without F keeps the manifest it always had
+        for entry, layer in zip(entries, layers):
+            entry["f_point"] = layer.f_point
     return {
         "model": spec.name,
         "repo": spec.repo,
@@ -43,11 +49,10 @@ def build_manifest(recipe: Recipe, spec: ModelSpec, *, weights: str, revision: s
         "seed": seed,
         "prompt_source": prompt_source,
         "n_prompts": n_prompts,
-        "layers": [{"index": i, "name": layer.name, "kind": layer.kind, "streams": list(layer.streams),
-                    "a_point": layer.a_point} for i, layer in enumerate(layers)],
+        "layers": entries,
         "streams": list(stream_axis(layers)),
         "branches": list(recipe.branches(guidance)),
-        "tensors": list(TENSORS),
+        "tensors": list(tensors),
         "sums": list(SUMS),
         "prev_on_host": prev_on_host,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
@@ -77,8 +82,10 @@ def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: S
                 batch_size: int = 1, todo: list[int] | None = None, save_images: bool = False,
                 save_latents: bool = False, prev_on_host: bool = False, progress: bool = True) -> dict:
     """Sample and record the prompts `todo` (indices; by default every one whose record is missing),
-    `batch_size` prompts per backbone call. Returns what this process did, for `note_progress`."""
+    `batch_size` prompts per backbone call, recording the tensors the run's manifest lists. Returns what this
+    process did, for `note_progress`."""
     steps = len(scheduler.timesteps)
+    tensors = tuple(run.manifest().get("tensors", TENSORS))
     mine = missing_prompts(run, len(prompts), progress) if todo is None else todo
     started_all = time.perf_counter()
     recipe.prepare([prompts[i] for i in mine])  # e.g. encode every prompt once, then free the text encoder
@@ -91,7 +98,7 @@ def run_prompts(recipe: Recipe, prompts: list[str], run: RunDir, *, scheduler: S
             step_bar.reset()
             started = time.perf_counter()
             recorder = Recorder(recipe.attention_layers(), branches=recipe.branches(guidance), num_steps=steps,
-                                device=recipe.device, prev_on_host=prev_on_host, prompts=len(batch))
+                                device=recipe.device, prev_on_host=prev_on_host, prompts=len(batch), tensors=tensors)
             with recorder.attach(recipe.model):
                 latents = recipe.generate([prompts[i] for i in batch], seed, scheduler, guidance)
             sums = recorder.finish()

@@ -1,8 +1,8 @@
 """Figures of a run directory: the study's per-layer grid, layer x transition heatmaps, run comparisons, samples.
 
-    layer_grid(run, "l1", path)        one panel per layer, lines K, V, A against transition d, one log y-range
-                                       shared by every panel: the figure of Sun et al. (2024) and its tool
-    heatmap(run, "l1", path)           K, V, A side by side: layer (rows, 0 at top) x transition d, log colours
+    layer_grid(run, "l1", path)        one panel per layer, lines K, V, A (and F, --ffn) against transition d, one
+                                       log y-range shared by every panel: the figure of Sun et al. (2024) and its tool
+    heatmap(run, "l1", path)           K, V, A (F) side by side: layer (rows, 0 at top) x transition d, log colours
     compare(runs, labels, "l1", path)  runs of one model (step counts, schedulers) on the progress axis u in
                                        [0, 1], averaged over layers, with how alike their per-layer curves are
     sample_grid(images, labels, path)  generated images with their prompts
@@ -29,12 +29,11 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 from minidit.analysis.aggregate import METRICS, POOLED, Run
-from minidit.analysis.recorder import TENSORS
 from minidit.analysis.rundir import atomic_file, make_folder
 from minidit.errors import MiniditError
 
 DPI = 120
-COLORS = {"K": "tab:blue", "V": "tab:orange", "A": "tab:green"}
+COLORS = {"K": "tab:blue", "V": "tab:orange", "A": "tab:green", "F": "tab:purple"}
 METRIC_LABELS = {
     "l1": "L1 = mean |X_d - X_d-1|",
     "rel_l1": "relative L1 = sum |X_d - X_d-1| / sum |X_d-1|",
@@ -55,6 +54,7 @@ LOG_MARGIN = 1.25  # a log y-range reaches this factor beyond the extreme values
 MAX_MARKED_POINTS = 30  # compare() marks the samples of curves with at most this many
 FEW_TRANSITIONS = 12  # the grid marks the samples of runs with at most this many transitions
 MAX_GROUP_ROWS = 3  # layer families that may each start a new row of the grid
+HEATMAP_PANEL_WIDTH, COMPARE_PANEL_WIDTH = 14 / 3, 5.0  # inches per tensor panel of a heatmap, of a comparison
 
 
 def default_branch(run: Run) -> str:
@@ -222,7 +222,7 @@ def layer_grid_figure(run: Run, metric: str, branch: str | None = None, stream: 
         r, c = cells[i]
         ax = fig.add_subplot(grid[r, c])
         missing, zero = [], []  # tensors this layer does not record in this stream, or that never change
-        for ti, tensor in enumerate(TENSORS):
+        for ti, tensor in enumerate(run.tensors):
             y, s = mean[li, ti], std[li, ti]
             if not np.isfinite(y).any():
                 missing.append(tensor)
@@ -251,7 +251,7 @@ def layer_grid_figure(run: Run, metric: str, branch: str | None = None, stream: 
                   y=0.25 * m["bottom"] / height)
     fig.supylabel(f"{metric} (log)", fontsize=10, x=0.2 * m["left"] / width)
     fig.suptitle(title, fontsize=TITLE_SIZE, y=1 - 0.12 / height, va="top")
-    handles = [Line2D([], [], color=COLORS[t], lw=1.6, label=t) for t in TENSORS]
+    handles = [Line2D([], [], color=COLORS[t], lw=1.6, label=t) for t in run.tensors]
     handles.append(Patch(color="0.5", alpha=0.3, label="±1 std over prompts"))
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9, frameon=False,
                bbox_to_anchor=(0.5, 1 - (0.2 + TITLE_LINE * (title.count("\n") + 1)) / height))
@@ -270,18 +270,19 @@ def layer_grid(run: Run, metric: str, out_path: str | Path, branch: str | None =
 
 
 def heatmap_figure(run: Run, metric: str, branch: str | None = None, stream: str | None = None) -> Figure:
-    """K, V, A panels of the mean metric, layer 0 at the top; grey cells are unrecorded or zero.
+    """K, V, A (and F) panels of the mean metric, layer 0 at the top; grey cells are unrecorded or zero.
 
-    Each panel has its own colour range (K, V and A differ in scale); white lines separate layer families.
+    Each panel has its own colour range (K, V, A and F differ in scale); white lines separate layer families.
     """
     branch, stream, mean, _ = select(run, metric, branch, stream)
     n_layers, d = len(run.layers), run.transitions
     groups = layer_groups(run, list(range(n_layers)))
     height = max(3.4, 0.11 * n_layers + 1.8)
-    fig = Figure(figsize=(14, height), dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, len(TENSORS), sharey=True)
+    width = HEATMAP_PANEL_WIDTH * len(run.tensors)
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(run.tensors), sharey=True)
     extent = (d[0] - 0.5, d[-1] + 0.5, n_layers - 0.5, -0.5)  # layer 0 at the top
-    for ax, (ti, tensor) in zip(axes, enumerate(TENSORS)):
+    for ax, (ti, tensor) in zip(axes, enumerate(run.tensors)):
         values = mean[:, ti]
         image = np.ma.masked_where(~(np.isfinite(values) & (values > 0)), values)
         cmap = colormaps["viridis"].with_extremes(bad=MISSING_COLOR)
@@ -298,7 +299,7 @@ def heatmap_figure(run: Run, metric: str, branch: str | None = None, stream: str
     axes[0].yaxis.set_major_locator(MaxNLocator(nbins=12, steps=[1, 2, 5, 10], integer=True))
     families = " · ".join((f"{g[0]}" if len(g) == 1 else f"{g[0]}-{g[-1]}") + " " + kind_label(run.layers[g[0]])
                           for g in groups)
-    fig.suptitle(title_lines(describe(run, metric, branch, stream) + [f"layers {families}"], 13.5, TITLE_SIZE)
+    fig.suptitle(title_lines(describe(run, metric, branch, stream) + [f"layers {families}"], width - 0.5, TITLE_SIZE)
                  + "\n(log colour scale; grey: not recorded, or zero)", fontsize=TITLE_SIZE)
     return fig
 
@@ -356,10 +357,10 @@ def compare(runs: list[Run], labels: list[str], metric: str, out_path: str | Pat
     """Overlay runs of one model on u = d / (N-1) and measure how alike their curves are.
 
     For step-count and scheduler ablations (FLUX at 14/28/56 steps, DDIM against DPM-Solver, ...). The
-    figure has one panel per tensor with one line per run: the metric averaged over layers against u.
-    The numbers (legend, and the returned rows) compare every run with the first, per tensor and layer
-    by layer (see `curve_similarity`): {"reference", "run", "tensor", "metric", "pearson_log",
-    "mean_abs_log10_ratio", "n_layers"}.
+    figure has one panel per tensor every run recorded (K, V and A; F too when all have it) with one line per
+    run: the metric averaged over layers against u. The numbers (legend, and the returned rows) compare every
+    run with the first, per tensor and layer by layer (see `curve_similarity`): {"reference", "run", "tensor",
+    "metric", "pearson_log", "mean_abs_log10_ratio", "n_layers"}.
 
     Runs must have the same layers. Runs of different models are refused even for the layer-averaged
     curves: K, V and A have each model's own scale and capture points, so an overlay of two models'
@@ -383,13 +384,14 @@ def compare(runs: list[Run], labels: list[str], metric: str, out_path: str | Pat
     layers = panel_layers(runs[0], stream)
     if not layers:
         raise MiniditError(f"{runs[0].path} recorded no {stream} tokens in any layer")
+    tensors = [t for t in runs[0].tensors if all(t in run.tensors for run in runs)]
     rows = []
-    fig = Figure(figsize=(15, 5.2), dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, len(TENSORS), sharey=True)
-    for ax, (ti, tensor) in zip(axes, enumerate(TENSORS)):
-        ref_curves = picked[0][2][layers, ti]
+    fig = Figure(figsize=(COMPARE_PANEL_WIDTH * len(tensors), 5.2), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(tensors), sharey=True)
+    for ax, tensor in zip(axes, tensors):
+        ref_curves = picked[0][2][layers, runs[0].tensors.index(tensor)]
         for k, (run, label, (_, _, mean, _)) in enumerate(zip(runs, labels, picked)):
-            curves = mean[layers, ti]
+            curves = mean[layers, run.tensors.index(tensor)]
             text = f"{label}: {run.manifest['scheduler']['name']}, {run.manifest['steps']} steps"
             if k == 0:
                 text += " (reference)"

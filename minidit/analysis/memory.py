@@ -1,6 +1,7 @@
 """What the analysis holds in memory, computed from the shapes: the README's memory table.
 
     python -m minidit.analysis.memory          # every model at its defaults (and the video models at full length)
+    python -m minidit.analysis.memory --ffn    # the same with F, the feed-forward output, recorded too
 
 The recorder (recorder.py) holds, for every capture (a layer's K, V or A, one stream of it), the previous step
 until the next one arrives: captures under `GROUP_BELOW_BYTES` as two float32 buffers of their own, larger ones
@@ -28,20 +29,21 @@ class Setting:
     params: int  # the backbone's parameters (reference/checkpoints.md §12.1)
     layers: int
     width: int  # D: every captured token has D values
-    tokens: dict[str, int]  # stream -> tokens per batch element that a layer's K, V and A carry
+    tokens: dict[str, int]  # stream -> tokens per batch element that a layer's K, V, A and F carry
     branches: int  # guidance halves in the batch
-    text_in_last: bool = True  # SD3's and Mochi's last block has no text output: no A of the text stream there
-    text_width: int | None = None  # Mochi: the text stream's own width, its A's (its K and V have `width`)
+    text_in_last: bool = True  # SD3's and Mochi's last block has no text output: no A or F of the text stream there
+    text_width: int | None = None  # Mochi: the text stream's own width, its A's and F's (its K and V have `width`)
 
-    def captures(self) -> list[int]:
-        """Elements per capture and branch, in the order a step captures them."""
+    def captures(self, tensors: str = "KVA") -> list[int]:
+        """Elements per capture and branch, per layer and stream (`tensors` "KVAF": with F, --ffn)."""
         def width(stream: str, tensor: str) -> int:
-            return self.text_width if stream == "txt" and tensor == "A" and self.text_width else self.width
+            return self.text_width if stream == "txt" and tensor in "AF" and self.text_width else self.width
 
-        per_layer = [tokens * width(stream, tensor) for stream, tokens in self.tokens.items() for tensor in "KVA"]
+        per_layer = [tokens * width(stream, tensor) for stream, tokens in self.tokens.items() for tensor in tensors]
         sizes = per_layer * self.layers
         if not self.text_in_last:
-            sizes.remove(self.tokens["txt"] * width("txt", "A"))
+            for output in set(tensors) & {"A", "F"}:
+                sizes.remove(self.tokens["txt"] * width("txt", output))
         return sizes
 
 
@@ -87,13 +89,16 @@ TEXT_ENCODER = {"dit-xl-256": 0, "flux-dev": T5_XXL + 123_060_480, "sd3": T5_XXL
 TEXT_ENCODER_FLOAT32 = {"opensora"}  # NOTE(official): Open-Sora runs T5 in float32 whatever the run's dtype
 
 
-def table(itemsize: int = 2) -> str:
-    """The README's table (markdown), in a model dtype of `itemsize` bytes (2: bf16, the default on a GPU)."""
+def table(itemsize: int = 2, ffn: bool = False) -> str:
+    """The README's table (markdown), in a model dtype of `itemsize` bytes (2: bf16, the default on a GPU); with
+    `ffn`, for runs that record F too."""
+    tensors = "KVAF" if ffn else "KVA"
     rows = ["| model | frames x height x width | backbone | text encoders (released after encoding) | "
-            "previous K, V, A (default: accelerator) | `--prev-on-host`: accelerator | `--prev-on-host`: host |",
+            f"previous {', '.join(tensors)} (default: accelerator) | `--prev-on-host`: accelerator | "
+            "`--prev-on-host`: host |",
             "|---|---|---|---|---|---|---|"]
     for s in SETTINGS:
-        captures = s.captures()
+        captures = s.captures(tensors)
         device, _ = held_bytes(captures, s.branches, itemsize)
         staging, host = held_bytes(captures, s.branches, itemsize, prev_on_host=True)
         text = TEXT_ENCODER.get(s.model, T5_XXL) * (4 if s.model in TEXT_ENCODER_FLOAT32 else itemsize)
@@ -106,7 +111,9 @@ def table(itemsize: int = 2) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--itemsize", type=int, default=2, help="bytes per value of the model dtype (default 2)")
-    print(table(parser.parse_args().itemsize))
+    parser.add_argument("--ffn", action="store_true", help="runs that record F too (analyze.py --ffn)")
+    args = parser.parse_args()
+    print(table(args.itemsize, args.ffn))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The K/V/A recorder: per-step difference sums computed on the device, one host transfer per prompt.
 
+It records K, V and A (`TENSORS`), and with `tensors=tensors_to_record(ffn=True)` also F, the blocks' feed-forward
+output (analyze.py --ffn); the captures of a tensor it does not record are ignored as they arrive.
 For every (prompt, layer, stream, branch, tensor) it holds the previous step's tensor and, when the next step
 captures the same tensor, adds up on the device in float32 (see ../design/analysis.md):
 
@@ -43,8 +45,8 @@ import torch
 from minidit.attention import AttentionLayer, Streams, recording
 from minidit.errors import MiniditError
 
-TENSORS = ("K", "V", "A")
-TENSOR_INDEX = {name: i for i, name in enumerate(TENSORS)}
+TENSORS = ("K", "V", "A")  # recorded by default
+FFN = "F"  # the blocks' feed-forward output, recorded on request after K, V and A (see minidit/attention.py)
 SUMS = ("n", "s_abs", "s_prev", "s_sq", "s_dot", "s_cur2", "s_prev2")
 STREAM_ORDER = ("img", "txt")
 GROUP_BELOW_BYTES = 2**20  # smaller captures are copied into groups and reduced together; larger ones at once
@@ -68,9 +70,14 @@ class Group:
 
 class Recorder:
     def __init__(self, layers: list[AttentionLayer], *, branches: tuple[str, ...], num_steps: int,
-                 device: str | torch.device, prev_on_host: bool = False, prompts: int = 1):
+                 device: str | torch.device, prev_on_host: bool = False, prompts: int = 1,
+                 tensors: tuple[str, ...] = TENSORS):
         if num_steps < 2:
             raise MiniditError(f"the analysis compares consecutive steps: it needs at least 2 steps, got {num_steps}")
+        if tuple(tensors) not in (TENSORS, tensors_to_record(ffn=True)):
+            raise MiniditError(f"a recorder records {TENSORS} or {tensors_to_record(ffn=True)}, not {tuple(tensors)}")
+        self.tensors = tuple(tensors)  # the record's tensor axis
+        self.tensor_index = {name: i for i, name in enumerate(self.tensors)}
         self.layers, self.branches, self.num_steps = layers, branches, num_steps
         self.prompts = prompts  # the batch is [branch 0: prompts 0..P-1; branch 1: prompts 0..P-1; ...]
         self.rows = len(branches) * prompts  # the batch's samples, each reduced on its own
@@ -83,7 +90,7 @@ class Recorder:
         self.start_prompt()
 
     def start_prompt(self) -> None:
-        self.n = np.zeros((len(self.layers), len(self.streams), len(TENSORS)), dtype=np.float64)
+        self.n = np.zeros((len(self.layers), len(self.streams), len(self.tensors)), dtype=np.float64)
         self.groups: dict[tuple[Key, ...], Group] = {}
         self.places: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}  # a small capture's views into its buffers
         self.scratch: dict[tuple[int, int], torch.Tensor] = {}  # float32 work space for large captures, by size
@@ -95,7 +102,7 @@ class Recorder:
 
     @contextlib.contextmanager
     def attach(self, model: torch.nn.Module) -> Iterator["Recorder"]:
-        """Count `model`'s forward calls as steps and receive its K, V and A inside the block."""
+        """Count `model`'s forward calls as steps and receive its K, V and A (and F) inside the block."""
         handle = model.register_forward_pre_hook(self._next_step)
         try:
             with recording(self):
@@ -110,14 +117,14 @@ class Recorder:
             raise MiniditError(f"the backbone was called more than the {self.num_steps} steps the recorder expects")
 
     def capture(self, layer: str, tensor: str, x: torch.Tensor, token_dim: int, streams: Streams) -> None:
-        li = self.layer_index.get(layer)
-        if li is None:  # a layer the run does not record (e.g. PixArt's cross-attention, unless asked for)
+        li, ti = self.layer_index.get(layer), self.tensor_index.get(tensor)
+        if li is None or ti is None:  # a layer or tensor the run does not record (cross-attention, F without --ffn)
             return
         if isinstance(streams, str):
-            self._take((li, self.stream_index[streams], TENSOR_INDEX[tensor]), x.detach())
+            self._take((li, self.stream_index[streams], ti), x.detach())
         else:
             for stream, part in _split(x.detach(), token_dim, streams):
-                self._take((li, self.stream_index[stream], TENSOR_INDEX[tensor]), part)
+                self._take((li, self.stream_index[stream], ti), part)
 
     def _take(self, key: Key, x: torch.Tensor) -> None:
         self.taken += 1
@@ -229,15 +236,15 @@ class Recorder:
 
     def _describe(self, key: Key) -> str:
         li, si, ti = key
-        return f"{TENSORS[ti]} of layer {self.layers[li].name} ({self.streams[si]})"
+        return f"{self.tensors[ti]} of layer {self.layers[li].name} ({self.streams[si]})"
 
     def _first_non_finite(self, energy: np.ndarray) -> str:
         bad = ~np.isfinite(energy).any(axis=0)  # [layer, stream, branch, tensor, step], any prompt of the batch
         step = int(np.argwhere(bad.any(axis=(0, 1, 2, 3)))[0, 0]) if bad.any() else None
         where = "a difference between two steps overflowed"
         if step is not None:
-            li, si, bi, ti = np.argwhere(bad[..., step])[0]  # first layer in enumeration order, then K, V, A
-            where = (f"non-finite {TENSORS[ti]} in layer {self.layers[li].name} ({self.streams[si]}, "
+            li, si, bi, ti = np.argwhere(bad[..., step])[0]  # first layer in enumeration order, then K, V, A, F
+            where = (f"non-finite {self.tensors[ti]} in layer {self.layers[li].name} ({self.streams[si]}, "
                      f"{self.branches[bi]}) at step {step}")
         return (f"{where}: an overflow, often T5 or attention in fp16; retry with --dtype bf16 or fp32. "
                 f"Nothing was recorded for this prompt")
@@ -271,7 +278,7 @@ class Recorder:
         self.places, self.scratch, self.host = {}, {}, None
         # scatter the groups' columns to [prompt, layer, stream, branch, tensor, step, row]
         branches, prompts = len(self.branches), self.prompts
-        per_step = np.zeros((prompts, *self.n.shape[:2], branches, len(TENSORS), self.num_steps, 4))
+        per_step = np.zeros((prompts, *self.n.shape[:2], branches, len(self.tensors), self.num_steps, 4))
         start = 0
         for g in groups:
             li, si, ti = (np.array(axis) for axis in zip(*g.keys))
@@ -290,8 +297,9 @@ class Recorder:
         moved = sums[..., 0].sum(axis=(1, 2, 3, 4))  # total s_abs per prompt and transition
         if (moved == 0).any():
             d = int(np.argwhere(moved == 0)[0, 1])
-            raise MiniditError(f"every K, V and A of step {d + 1} equals step {d}'s: a captured tensor was modified "
-                               f"in place, or the backbone saw the same input twice; the statistics would be wrong")
+            raise MiniditError(f"every {', '.join(self.tensors)} of step {d + 1} equals step {d}'s: a captured tensor "
+                               f"was modified in place, or the backbone saw the same input twice; the statistics "
+                               f"would be wrong")
         n = np.broadcast_to(self.n[None, :, :, None, :, None, None], sums.shape[:-1] + (1,))
         return np.concatenate([n, sums], axis=-1)
 
@@ -384,6 +392,11 @@ class HostPrevious:
         event = torch.cuda.Event()
         event.record(stream)
         return event
+
+
+def tensors_to_record(ffn: bool = False) -> tuple[str, ...]:
+    """The record's tensor axis: K, V, A, and F after them with `ffn`."""
+    return (*TENSORS, FFN) if ffn else TENSORS
 
 
 def stream_axis(layers: list[AttentionLayer]) -> tuple[str, ...]:

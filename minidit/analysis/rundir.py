@@ -30,10 +30,11 @@ import numpy as np
 
 from minidit.errors import MiniditError
 
-# The manifest keys that must agree for a resumed run to continue the same measurement.
+# The manifest keys that must agree for a resumed run to continue the same measurement ("tensors": with or without
+# F, --ffn; the layers' "f_point", present only with F, is compared as part of it).
 IDENTITY_KEYS = ("model", "weights", "revision", "dtype", "steps", "scheduler", "timesteps", "guidance",
-                 "resolution", "frames", "seed", "prompts_sha256", "layers", "streams", "branches", "convention",
-                 "max_sequence_length", "dynamic_cfg")
+                 "resolution", "frames", "seed", "prompts_sha256", "layers", "streams", "branches", "tensors",
+                 "convention", "max_sequence_length", "dynamic_cfg")
 
 
 class DamagedRecord(Exception):
@@ -103,7 +104,7 @@ class RunDir:
                 raise MiniditError(f"{self.path} already holds a run: pass --resume to continue it, or choose "
                                    f"another --out")
             old = self.manifest()
-            changed = [k for k in IDENTITY_KEYS if json.dumps(old.get(k)) != json.dumps(manifest.get(k))]
+            changed = [k for k in IDENTITY_KEYS if identity(old, k) != identity(manifest, k)]
             if changed:
                 raise MiniditError(f"cannot resume {self.path}: it was run with different {', '.join(changed)}; "
                                    f"use the same settings, or another --out")
@@ -194,6 +195,16 @@ class RunDir:
         if not indices:
             raise MiniditError(f"{self.path} has no finished prompts yet: nothing to aggregate")
         return indices, np.stack(sums), metas
+
+
+def identity(manifest: dict, key: str) -> str:
+    """The manifest's `key` as a resumed run compares it. The layers without "f_point": where F is taken follows from
+    the model, and whether there is an F at all from "tensors", which then names the difference."""
+    value = manifest.get(key)
+    if key == "layers" and isinstance(value, list):
+        value = [{k: v for k, v in layer.items() if k != "f_point"} if isinstance(layer, dict) else layer
+                 for layer in value]
+    return json.dumps(value)
 
 
 def prompts_digest(prompts: list[str]) -> str:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope
@@ -243,6 +243,7 @@ class CogVideoXBlock(nn.Module):
         shift, scale, gate, enc_shift, enc_scale, enc_gate = self.norm2(emb)
         f = self.ff(torch.cat([modulate(self.norm2.norm(c), enc_shift, enc_scale),
                                modulate(self.norm2.norm(x), shift, scale)], dim=1))  # one FFN over [text; video]
+        f = feed_forward_output(f, layer=self.attn1.layer, streams=(("txt", lt), ("img", x.shape[1])))
         x = x + gate[:, None] * f[:, lt:]
         c = c + enc_gate[:, None] * f[:, :lt]
         return x, c

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, split_heads, timestep_embedding, unpatchify
 from minidit.weights import DROP, shared, split, weight_and_bias
@@ -134,7 +134,8 @@ class DiTBlock(nn.Module):
         c = self.norm1.emb(t, y, x.dtype)  # (B, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(F.silu(c)).chunk(6, dim=1)
         x = x + gate_msa[:, None] * self.attn1(modulate(self.norm1.norm(x), shift_msa, scale_msa))
-        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        f = feed_forward_output(self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp)), layer=self.attn1.layer)
+        x = x + gate_mlp[:, None] * f
         return x
 
 

@@ -10,7 +10,9 @@ The model sees 2x2-packed latent tokens (64 channels each) and T5 tokens:
   and meet in one attention over [text; image] (text first);
 - 38 single-stream blocks on the concatenated [text; image] sequence: one linear gives q, k, v and the
   MLP input in parallel, and one linear maps [attention, GELU(MLP)] back; there is no separate attention
-  output projection, so A is taken before it (a_point "pre_proj").
+  output projection, so A is taken before it (a_point "pre_proj"), and no separate MLP output either, so F (the
+  optional feed-forward capture) is the block's whole update of the residual stream, gate * proj_out([A; GELU(MLP)])
+  (f_point "block").
 Positions: 3-axis RoPE (16 + 56 + 56 channels per head) from ids (0, row, column) for image tokens and zeros
 for text tokens. Conditioning: emb = MLP(sinusoid(1000 t)) [+ MLP(sinusoid(1000 g)) for dev's distilled
 guidance] + MLP(pooled CLIP-L).
@@ -27,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope, rope_frequencies
@@ -179,9 +181,11 @@ class DoubleStreamBlock(nn.Module):
         a_x, a_c = self.attn(modulate(self.norm1.norm(x), shift_msa, scale_msa),
                              modulate(self.norm1_context.norm(c), c_shift_msa, c_scale_msa), rope)
         x = x + gate_msa[:, None] * a_x
-        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        f_x = self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp[:, None] * feed_forward_output(f_x, layer=self.attn.layer, streams="img")
         c = c + c_gate_msa[:, None] * a_c
-        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(self.norm2_context(c), c_shift_mlp, c_scale_mlp))
+        f_c = self.ff_context(modulate(self.norm2_context(c), c_shift_mlp, c_scale_mlp))
+        c = c + c_gate_mlp[:, None] * feed_forward_output(f_c, layer=self.attn.layer, streams="txt")
         if c.dtype == torch.float16:  # NOTE(official): the text stream is clipped to the fp16 range
             c = c.clip(-65504, 65504)
         return x, c
@@ -216,12 +220,14 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, c, emb, rope) -> tuple[torch.Tensor, torch.Tensor]:
         lt = c.shape[1]
+        streams = (("txt", lt), ("img", x.shape[1]))
         h = torch.cat([c, x], dim=1)  # (B, Lt + L, D): text first
         shift, scale, gate = self.norm(emb)
         h_in = modulate(self.norm.norm(h), shift, scale)
-        a = self.attn(h_in, rope, streams=(("txt", lt), ("img", x.shape[1])))
+        a = self.attn(h_in, rope, streams=streams)
         mlp = F.gelu(self.proj_mlp(h_in), approximate="tanh")
-        h = h + gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))
+        update = gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))
+        h = h + feed_forward_output(update, layer=self.attn.layer, streams=streams)  # F: the whole update ("block")
         if h.dtype == torch.float16:  # NOTE(official): clipped to the fp16 range
             h = h.clip(-65504, 65504)
         return h[:, lt:], h[:, :lt]
@@ -260,7 +266,7 @@ class FluxTransformer(nn.Module):
     def attention_layers(self) -> list[AttentionLayer]:
         """The 19 double-stream blocks, then the 38 single-stream blocks."""
         double = [AttentionLayer(b.attn.layer, "joint", streams=("img", "txt")) for b in self.transformer_blocks]
-        single = [AttentionLayer(b.attn.layer, "joint", streams=("img", "txt"), a_point="pre_proj")
+        single = [AttentionLayer(b.attn.layer, "joint", streams=("img", "txt"), a_point="pre_proj", f_point="block")
                   for b in self.single_transformer_blocks]
         return double + single
 

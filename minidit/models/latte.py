@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, split_heads, timestep_embedding, unpatchify
 
@@ -189,7 +189,8 @@ class SpatialBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         x = x + gate_msa[:, None] * self.attn1(h, h)
         x = x + self.attn2(x, text, mask)
-        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        f = feed_forward_output(self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp)), layer=self.attn1.layer)
+        x = x + gate_mlp[:, None] * f
         return x
 
 
@@ -210,7 +211,8 @@ class TemporalBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(dim=1)  # (N, D) each
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         x = x + gate_msa[:, None] * self.attn1(h, h)
-        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        f = feed_forward_output(self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp)), layer=self.attn1.layer)
+        x = x + gate_mlp[:, None] * f
         return x
 
 
@@ -256,11 +258,13 @@ class Latte(nn.Module):
 
     def attention_layers(self, cross: bool = False) -> list[AttentionLayer]:
         """The 28 spatial then the 28 temporal self-attention layers; with `cross`, then the 28 cross-attention
-        layers of the spatial blocks (kind cross: K and V from the text, A on the video tokens)."""
+        layers of the spatial blocks (kind cross: K and V from the text, A on the video tokens; a block's F is filed
+        under its self-attention, none under its cross-attention)."""
         layers = [AttentionLayer(b.attn1.layer, "spatial") for b in self.transformer_blocks]
         layers += [AttentionLayer(b.attn1.layer, "temporal") for b in self.temporal_transformer_blocks]
         if cross:
-            layers += [AttentionLayer(b.attn2.layer, "cross", streams=("img", "txt")) for b in self.transformer_blocks]
+            layers += [AttentionLayer(b.attn2.layer, "cross", streams=("img", "txt"), f_point=None)
+                       for b in self.transformer_blocks]
         return layers
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
 from minidit.errors import MiniditError
 from minidit.layers import MLPEmbedding, modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope
@@ -315,11 +315,13 @@ class MochiBlock(nn.Module):
         a_x, a_c = self.attn1(scaled(x, scale_msa), c_in, mask, rope)
 
         x = x + gated(a_x, gate_msa)
-        x = x + gated(self.ff(scaled(x, scale_mlp)), gate_mlp)
+        f_x = feed_forward_output(self.ff(scaled(x, scale_mlp)), layer=self.attn1.layer, streams="img")
+        x = x + gated(f_x, gate_mlp)
         if self.context_pre_only:
             return x, c
         c = c + gated(a_c, c_gate_msa)
-        c = c + gated(self.ff_context(scaled(c, c_scale_mlp)), c_gate_mlp)
+        f_c = feed_forward_output(self.ff_context(scaled(c, c_scale_mlp)), layer=self.attn1.layer, streams="txt")
+        c = c + gated(f_c, c_gate_mlp)
         return x, c
 
 

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
 from minidit.errors import MiniditError
 from minidit.layers import modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope
@@ -290,7 +290,8 @@ class STDiT3Block(nn.Module):
         h = rearrange(self.attn(h, rope), unfold, **sizes)  # (B, T S, D)
         x = x + gate_msa[:, None] * h
         x = x + self.cross_attn(x, text, mask)
-        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        f = feed_forward_output(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), layer=self.attn.layer)
+        x = x + gate_mlp[:, None] * f
         return x
 
 
@@ -361,11 +362,12 @@ class STDiT3(nn.Module):
 
     def attention_layers(self, cross: bool = False) -> list[AttentionLayer]:
         """The 28 spatial then the 28 temporal self-attention layers; with `cross`, then the 28 + 28 cross-attention
-        layers of the same blocks (kind cross: K and V from the text, A on the video tokens)."""
+        layers of the same blocks (kind cross: K and V from the text, A on the video tokens; a block's F is filed
+        under its self-attention, none under its cross-attention)."""
         layers = [AttentionLayer(b.attn.layer, "spatial") for b in self.spatial_blocks]
         layers += [AttentionLayer(b.attn.layer, "temporal") for b in self.temporal_blocks]
         if cross:
-            layers += [AttentionLayer(b.cross_attn.layer, "cross", streams=("img", "txt"))
+            layers += [AttentionLayer(b.cross_attn.layer, "cross", streams=("img", "txt"), f_point=None)
                        for b in [*self.spatial_blocks, *self.temporal_blocks]]
         return layers
 

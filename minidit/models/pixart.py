@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, split_heads, timestep_embedding, unpatchify
 from minidit.weights import DROP, split, weight_and_bias
@@ -169,7 +169,8 @@ class PixArtBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         x = x + gate_msa[:, None] * self.attn1(h, h)
         x = x + self.attn2(x, text, bias)
-        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        f = feed_forward_output(self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp)), layer=self.attn1.layer)
+        x = x + gate_mlp[:, None] * f
         return x
 
 
@@ -220,10 +221,12 @@ class PixArt(nn.Module):
         return unpatchify(x, h, w, p)
 
     def attention_layers(self, cross: bool = False) -> list[AttentionLayer]:
-        """The 28 self-attention layers; with `cross`, then the 28 cross-attention layers (kind cross)."""
+        """The 28 self-attention layers; with `cross`, then the 28 cross-attention layers (kind cross; a block's F
+        is filed under its self-attention, none under its cross-attention)."""
         layers = [AttentionLayer(b.attn1.layer, "self") for b in self.transformer_blocks]
         if cross:
-            layers += [AttentionLayer(b.attn2.layer, "cross", streams=("img", "txt")) for b in self.transformer_blocks]
+            layers += [AttentionLayer(b.attn2.layer, "cross", streams=("img", "txt"), f_point=None)
+                       for b in self.transformer_blocks]
         return layers
 
 

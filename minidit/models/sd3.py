@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, split_heads, timestep_embedding, unpatchify
 from minidit.weights import split, swap_halves, weight_and_bias
@@ -159,11 +159,13 @@ class JointBlock(nn.Module):
         a_x, a_c = self.attn(modulate(self.norm1.norm(x), shift_msa, scale_msa), c_in)
 
         x = x + gate_msa[:, None] * a_x
-        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        f_x = self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp[:, None] * feed_forward_output(f_x, layer=self.attn.layer, streams="img")
         if self.context_pre_only:
             return x, None
         c = c + c_gate_msa[:, None] * a_c
-        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(self.norm2_context(c), c_shift_mlp, c_scale_mlp))
+        f_c = self.ff_context(modulate(self.norm2_context(c), c_shift_mlp, c_scale_mlp))
+        c = c + c_gate_mlp[:, None] * feed_forward_output(f_c, layer=self.attn.layer, streams="txt")
         return x, c
 
 
