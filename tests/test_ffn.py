@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_analysis import run_cli
 from test_study import BATCH_CASES, load
 
 import minidit
@@ -141,6 +140,7 @@ def pieces(streams, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return dict(zip(names, x.split(list(lengths), dim=1)))
 
 
+@pytest.mark.any_cpu
 @pytest.mark.parametrize("case", CASES)
 def test_f_sums_equal_a_float64_recomputation(case, observed):
     """The acceptance test: every F sum of a recorded run (minidit.sample(record=True, ffn=True)) equals the sums
@@ -170,6 +170,7 @@ def test_f_sums_equal_a_float64_recomputation(case, observed):
     assert error[worst] <= RTOL, f"{case}: at {worst}, {actual[worst]} != {expected[worst]}"
 
 
+@pytest.mark.any_cpu
 @pytest.mark.parametrize("case", CASES)
 def test_f_is_the_ffn_output(case, observed):
     """F by value: the FFN module's own output (after its last projection, before gate, residual or norm), per
@@ -193,6 +194,7 @@ def test_f_is_the_ffn_output(case, observed):
     assert points <= {"ffn", "block", None} and ("block" in points) == (case == "flux-tiny")
 
 
+@pytest.mark.any_cpu
 @pytest.mark.parametrize("case", CASES)
 def test_kva_are_unchanged_by_ffn(case, observed):
     """With F recorded, K, V and A are bit for bit those of a run without it, and so are the samples; without it the
@@ -203,6 +205,7 @@ def test_kva_are_unchanged_by_ffn(case, observed):
     assert torch.equal(o.latents_kvaf, o.latents_kva) and torch.equal(o.latents, o.latents_kva)
 
 
+@pytest.mark.any_cpu
 @pytest.mark.parametrize("prev_on_host", [False, True])
 def test_f_on_the_large_capture_path(prev_on_host, observed, monkeypatch):
     """Every capture reduced as it arrives, holding the model's own F (or its host copy) until the next step: the
@@ -241,15 +244,15 @@ def test_memory_rules_count_f(tmp_path):
 
 
 @pytest.mark.any_cpu
-def test_the_command_records_draws_and_guards_f(tmp_path):
+def test_the_command_records_draws_and_guards_f(tmp_path, capsys):
     """analyze.py --ffn: summary.csv and cv.csv carry F rows (the K, V and A rows are those of a run without
     --ffn, byte for byte), the manifest lists the tensors and each layer's f_point, the figures draw F; the run
     cannot be resumed without --ffn, nor a run without F with it."""
     common = ["--model", "dit-tiny", "--steps", "3", "--num-prompts", "2", "--device", "cpu"]
     with_f, without = tmp_path / "ffn", tmp_path / "plain"
     for out, extra in ((with_f, ["--ffn"]), (without, [])):
-        result = run_cli(*common, *extra, "--out", str(out))
-        assert result.returncode == 0, result.stderr
+        code, err = cli(capsys, *common, *extra, "--out", out)
+        assert code == 0, err
 
     manifest, plain = (json.loads((out / "manifest.json").read_text()) for out in (with_f, without))
     assert manifest["tensors"] == ["K", "V", "A", "F"] and plain["tensors"] == ["K", "V", "A"]
@@ -278,12 +281,21 @@ def test_the_command_records_draws_and_guards_f(tmp_path):
     assert legend[:4] == ["K", "V", "A", "F"]
     assert [ax.get_title() for ax in figures.heatmap_figure(run, "l1").axes if ax.get_title()] == ["K", "V", "A", "F"]
 
-    refused = run_cli(*common, "--out", str(with_f), "--resume")
-    assert refused.returncode == 2 and "different tensors;" in refused.stderr, refused.stderr
-    refused = run_cli(*common, "--ffn", "--out", str(without), "--resume")
-    assert refused.returncode == 2 and "different tensors;" in refused.stderr, refused.stderr
-    resumed = run_cli(*common, "--ffn", "--out", str(with_f), "--resume")
-    assert resumed.returncode == 0 and "2 of 2 prompts already done" in resumed.stderr, resumed.stderr
+    code, err = cli(capsys, *common, "--out", with_f, "--resume")
+    assert code == 2 and "different tensors;" in err, err
+    code, err = cli(capsys, *common, "--ffn", "--out", without, "--resume")
+    assert code == 2 and "different tensors;" in err, err
+    code, err = cli(capsys, *common, "--ffn", "--out", with_f, "--resume")
+    assert code == 0 and "2 of 2 prompts already done" in err, err
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    """analyze.py in this process: its exit code and what it wrote to stderr."""
+    import analyze
+
+    capsys.readouterr()
+    code = analyze.main([str(a) for a in args])
+    return code, capsys.readouterr().err
 
 
 def test_compare_draws_the_tensors_every_run_has(tmp_path):

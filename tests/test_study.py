@@ -20,6 +20,7 @@ from test_cli import fails_cleanly, run_analyze
 
 import minidit
 from minidit.analysis import SUMS, RunDir
+from minidit.analysis.rundir import LOCK
 from minidit.analysis.engine import batches, run_prompts
 from minidit.errors import MiniditError
 
@@ -97,12 +98,15 @@ def test_a_batch_of_prompts_records_what_batches_of_one_do(case, tmp_path):
     only prompts of one text length (its batch_key); the others any prompts."""
     recipe = load(case, tmp_path)
     prompts = recipe.default_prompts()[:4] if case in ("dit-tiny", "flux-tiny") else TEXTS
+    if case == "pixart":  # its tiny copy's buckets are 1024 px (4096 tokens): two prompts, one batch of both
+        prompts = TEXTS[:2]
     recipe.prepare(prompts)
     one = records(fill(recipe, prompts, tmp_path / "one", 1))
     batched = records(fill(recipe, prompts, tmp_path / "batched", 3))
     assert sorted(one) == sorted(batched) == list(range(len(prompts)))
     # 3 prompts per batch; Latte's "a cat" and "a dog" share a text length, the other two differ
-    assert [batched[i][1] for i in batched] == ([2, 1, 2, 1] if case == "latte" else [3, 3, 3, 1])
+    expected = {"latte": [2, 1, 2, 1], "pixart": [2, 2]}.get(case, [3, 3, 3, 1])
+    assert [batched[i][1] for i in batched] == expected
     for i in one:
         assert batched[i][0].shape == one[i][0].shape
         assert_close_sums(batched[i][0], one[i][0], f"prompt {i}")
@@ -199,18 +203,17 @@ def test_a_killed_rank_leaves_the_others_records_and_resume_under_torchrun_finis
 
 
 @pytest.mark.any_cpu
-@pytest.mark.parametrize("moment", ["opened", "first record", "aggregating"])
+@pytest.mark.parametrize("moment", ["opened", "aggregating"])
 def test_kill_9_at_other_moments_then_resume(study, tmp_path, moment):
-    """kill -9 once the run directory is opened (no record yet), once the first record is written, and once every
-    record is (aggregation and figures under way; tests/test_analysis.py kills mid-run): --resume then gives the
-    uninterrupted run's summary.csv byte for byte."""
+    """kill -9 once the run directory is opened (no record yet) and once every record is written (aggregation and
+    figures under way; tests/test_analysis.py kills mid-run): --resume then gives the uninterrupted run's
+    summary.csv byte for byte."""
     common, whole = study
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "analyze.py"), *common, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ,
                                                                                        "OMP_NUM_THREADS": "1"})
     reached = {"opened": lambda: (out / "manifest.json").exists(),
-               "first record": lambda: (out / "records" / "000000.npz").exists(),
                "aggregating": lambda: len(list((out / "records").glob("[0-9]*.npz"))) == 9}[moment]
     deadline = time.time() + 120
     while time.time() < deadline and not reached():
@@ -244,9 +247,10 @@ def test_a_second_run_on_a_held_directory_is_refused_and_a_killed_run_leaves_no_
     assert ranks.returncode != 0 and err.splitlines()[0] == refused, err
     first.kill()  # kill -9: the OS releases the lock with the process
     first.wait()
-    resumed = run_cli(*common, "--out", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert (out / "summary.csv").read_bytes() == (whole / "summary.csv").read_bytes()
+    again = RunDir(out)
+    again.hold()  # free at once (resuming after a kill is tested above and in test_analysis.py)
+    again.release()
+    assert (out / "manifest.json").exists() and (out / LOCK).exists()  # a started run keeps its directory
 
 
 def test_the_lock_is_per_run_and_released(tmp_path):
@@ -313,7 +317,7 @@ def test_a_sweep_runs_every_combination_and_compares_them(capsys, tmp_path):
     """--steps 3,5 --scheduler flux,sd3: four runs under the parent directory, each what its own command makes, and
     their comparison (compare.csv against the first, the overlays)."""
     out = tmp_path / "sweep"
-    argv = ["--model", "flux-tiny", "--num-prompts", "2", "--device", "cpu"]
+    argv = ["--model", "flux-tiny", "--num-prompts", "1", "--device", "cpu"]
     assert analyze_main([*argv, "--steps", "3,5", "--scheduler", "flux,sd3", "--out", out]) == 0
     names = ["flux-3steps", "flux-5steps", "sd3-3steps", "sd3-5steps"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == names
