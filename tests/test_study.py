@@ -20,8 +20,8 @@ from test_cli import fails_cleanly, run_analyze
 
 import minidit
 from minidit.analysis import SUMS, RunDir
-from minidit.analysis.rundir import LOCK
 from minidit.analysis.engine import batches, run_prompts
+from minidit.analysis.rundir import LOCK
 from minidit.errors import MiniditError
 
 FIXTURES = ROOT / "tests" / "fixtures"
