@@ -32,6 +32,7 @@ def expected_kva_bytes(name: str) -> int:
     return batch * (cfg.num_layers * per_layer + text_a) * FLOAT32
 
 
+@pytest.mark.any_cpu  # the bench's code run end to end: its own numbers, no stored fixture
 def test_reduced_bench_on_the_cpu(capsys, monkeypatch):
     """All three models, every line; the K/V/A bytes against the shapes, the recorder's held bytes against them and
     against memory.py; minidit's forward against diffusers' on the very same weight tensors."""

@@ -300,6 +300,7 @@ def test_costs_weigh_the_budget(run):
     assert plan.skipped_fraction() >= 0.2
 
 
+@pytest.mark.any_cpu  # a command run end to end: no stored fixture
 def test_the_plan_command(tmp_path, capsys):
     """analyze.py --plan RUN --budget F --out PLAN.json on a real run: the file loads, is for that run's model, steps
     and layers, and skips the budget; a missing --budget and an unknown method are one line each."""
