@@ -152,13 +152,18 @@ class Plan:
 
 def load(path: str | Path) -> Plan:
     """A plan file, validated: any problem is a MiniditError of one line naming the file."""
+    return from_dict(read_json(path, "caching plan"), where=str(path))
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """A JSON file's contents; unreadable or not JSON is one MiniditError line naming the file and `what` it should
+    be (the plan files here, SmoothCache's schedules in smoothcache_file.py)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
-        raise MiniditError(f"cannot read the plan {path}: {e.strerror}") from None
+        raise MiniditError(f"cannot read the {what} {path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MiniditError(f"{path} is not a JSON caching plan ({e})") from None
-    return from_dict(data, where=str(path))
+        raise MiniditError(f"{path} is not a JSON {what} ({e})") from None
 
 
 def from_dict(data: object, where: str = "the plan") -> Plan:

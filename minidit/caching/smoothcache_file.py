@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidit.caching.plan import COMPONENTS, Plan, equal_cost, fraction
+from minidit.caching.plan import COMPONENTS, Plan, equal_cost, fraction, read_json
 from minidit.errors import MiniditError
 
 DIT_NAMES = ("attn", "mlp")  # the attribute names of attention and feed-forward in the original DiT's blocks
@@ -69,12 +69,7 @@ def from_smoothcache(schedule: dict | str | Path, layer_names: list[str], *, mod
     where = "the SmoothCache schedule"
     if not isinstance(schedule, dict):
         where = str(schedule)
-        try:
-            schedule = json.loads(Path(schedule).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise MiniditError(f"cannot read the SmoothCache schedule {where}: {e.strerror}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MiniditError(f"{where} is not a JSON SmoothCache schedule ({e})") from None
+        schedule = read_json(schedule, "SmoothCache schedule")
     if not isinstance(schedule, dict) or not schedule:
         raise MiniditError(f"{where}: a SmoothCache schedule is a JSON object of 0/1 lists, one per component")
     blocks = {block_index(layer) for layer in layer_names}
