@@ -14,6 +14,8 @@
     torchrun --nproc_per_node=8 analyze.py --model pixart --device cuda --prompts coco:captions_val2014.json
     python analyze.py --compare runs/flux-tiny-flux-28steps runs/flux-tiny-sd3-14steps --out runs/ablation
     python analyze.py --aggregate runs/flux-tiny-flux-28steps   # rebuild tables and figures from the records
+    python analyze.py --plan runs/ft --budget 0.35 --out plan.json   # a caching plan from a run made with --ffn
+    python analyze.py --model flux-tiny --cache-plan plan.json  # sample with it: speed, FLOPs, memory, quality
 
 A run directory holds manifest.json, one record per prompt, summary.csv, cv.csv and figures/ (see README).
 """
@@ -51,7 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                      "each image of a COCO captions file (captions_val2014.json, "
                                                      "Karpathy's dataset_coco.json)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--seed", type=int, help="initial noise seed, the same for every prompt (default 0)")
+    p.add_argument("--seed", type=int_list, help="initial noise seed, the same for every prompt (default 0); with "
+                   "--cache-plan a comma-separated list samples every prompt with every seed")
     p.add_argument("--preset", metavar="NAME", help="paper: the study's settings for the model (steps, scheduler, "
                                                     "guidance, size, frames, dtype, seed 42, number of prompts; "
                                                     "README: --preset paper); flags given beside it win")
@@ -93,10 +96,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plan", metavar="RUN", help="write a caching plan from a finished run to --out PLAN.json: which "
                                                  "attention and feed-forward outputs a sampler may reuse, per step "
                                                  "and layer (needs --budget)")
-    p.add_argument("--budget", type=float, metavar="F", help="with --plan: the fraction of block computations to "
-                                                             "skip, 0 <= F < 1")
-    p.add_argument("--method", default="measured", help="with --plan: measured (the run's lowest-change cells, "
-                                                        "default), fora, pab or smoothcache (the baselines)")
+    p.add_argument("--budget", type=float_list, metavar="F", help="with --plan: the fraction of block computations "
+                   "to skip, 0 <= F < 1; a comma-separated list (0.2,0.35,0.5) writes one plan per budget and "
+                   "method into the folder --out, as METHOD-BUDGET.json")
+    p.add_argument("--method", type=name_list, default=["measured"],
+                   help="with --plan: measured (the run's lowest-change cells, default), fora, pab or smoothcache "
+                        "(the baselines), or several, comma-separated")
+    p.add_argument("--cache-plan", metavar="PLAN", help="sample with caching plans (comma-separated files, or a "
+                   "folder of them) and with none, side by side, and report time, FLOPs, memory and quality against "
+                   "the uncached samples in --out (default runs/caching-MODEL)")
     return p.parse_args(argv)
 
 
@@ -108,7 +116,7 @@ def apply_preset(args: argparse.Namespace) -> None:
         return
     for name, value in preset(args.preset, args.model).items():
         if getattr(args, name) is None:
-            setattr(args, name, [value] if name in ("steps", "scheduler") else value)
+            setattr(args, name, [value] if name in ("steps", "scheduler", "seed") else value)
     if args.prompts is None:
         raise MiniditError(f"--preset {args.preset} runs {args.num_prompts} prompts: pass them with --prompts FILE, "
                            f"e.g. the study's caption1000.txt (xdit-project/DiTCacheAnalysis), or coco:FILE")
@@ -234,6 +242,8 @@ def check_args(args: argparse.Namespace, spec: ModelSpec, recipe_type: type[Reci
                                f"{', '.join(recipe_type.schedulers)}")
     if args.batch_size < 1:
         raise MiniditError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed is not None and len(args.seed) > 1 and not args.cache_plan:
+        raise MiniditError("a run has one seed (every prompt starts from its noise): give --seed one value")
     options = recipe_options(recipe_type, args)
     if args.save_images and not recipe_type.decodes:
         raise MiniditError(f"--save-images: minidit has no decoder for {spec.name} yet (its 3D VAE is a later "
@@ -267,7 +277,7 @@ def measure(loaded: Loaded, args: argparse.Namespace, run, scheduler_name: str, 
 
     recipe, spec, ranks, prompts = loaded.recipe, loaded.spec, loaded.ranks, loaded.prompts
     guidance = recipe.default_guidance if args.guidance is None else args.guidance
-    seed = 0 if args.seed is None else args.seed
+    seed = 0 if args.seed is None else args.seed[0]
     scheduler = recipe.make_scheduler(scheduler_name, steps)
     manifest = build_manifest(recipe, spec, weights=str(args.weights or spec.repo or loaded.folder),
                               revision=args.revision, dtype=loaded.dtype, device=loaded.device, scheduler=scheduler,
@@ -301,6 +311,15 @@ def int_list(text: str) -> list[int]:
         return distinct([int(part) for part in text.split(",")])
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a number, or numbers separated by commas)"
+                                         ) from None
+
+
+def float_list(text: str) -> list[float]:
+    """--budget: "0.35" -> [0.35], "0.2,0.35,0.5" -> [0.2, 0.35, 0.5]."""
+    try:
+        return distinct([float(part) for part in text.split(",")])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r} (a number, or numbers separated by commas)"
                                          ) from None
 
 
@@ -390,15 +409,90 @@ def compare_runs(paths: list[Path], labels: list[str], out: Path) -> Path:
 
 
 def make_plan(args: argparse.Namespace) -> Path:
+    """--plan RUN: one plan to the file --out, or (several budgets or methods) one per pair into the folder --out."""
     from minidit.caching import plan_command
 
     if args.budget is None or not args.out:
         raise MiniditError("--plan RUN needs --budget F (the fraction of block computations to skip) and --out "
-                           "PLAN.json")
-    plan = plan_command(args.plan, args.budget, args.out, args.method)
-    print(plan.summary(), file=sys.stderr)
-    print(f"plan written to {args.out}", file=sys.stderr)
-    return Path(args.out)
+                           "PLAN.json (a folder, with several budgets or methods)")
+    pairs = [(method, budget) for method in args.method for budget in args.budget]
+    out = Path(args.out)
+    if len(pairs) == 1:
+        targets = [out]
+    else:
+        if out.suffix == ".json":
+            raise MiniditError(f"{len(pairs)} plans (budgets x methods) go into a folder: give --out a folder, "
+                               f"not {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        targets = [out / f"{method}-{budget:g}.json" for method, budget in pairs]
+    for (method, budget), target in zip(pairs, targets):
+        plan = plan_command(args.plan, budget, target, method)
+        print(f"{target}: {plan.summary()}", file=sys.stderr)
+    return out
+
+
+def plan_paths(text: str) -> list[Path]:
+    """--cache-plan: comma-separated plan files, or a folder of them (every *.json in it, by name)."""
+    paths = []
+    for part in text.split(","):
+        path = Path(part.strip())
+        if path.is_dir():
+            found = sorted(path.glob("*.json"))
+            if not found:
+                raise MiniditError(f"--cache-plan {path} is a folder without plan files (*.json)")
+            paths += found
+        elif not path.is_file():
+            raise MiniditError(f"--cache-plan {path} does not exist: pass plan files written by analyze.py --plan, "
+                               f"or a folder of them")
+        else:
+            paths.append(path)
+    return paths
+
+
+def evaluate_plans(args: argparse.Namespace) -> Path:
+    """--cache-plan: sample the prompts with every plan and without, report time, FLOPs, memory and quality."""
+    from minidit.caching import load as load_plan
+    from minidit.caching.report import evaluate, print_table, write_report
+    from minidit.pipelines import model_spec, recipe_class
+
+    spec = model_spec(args.model)
+    recipe_type = recipe_class(spec.family)
+    plans = {path.stem: load_plan(path) for path in plan_paths(args.cache_plan)}
+    if len(plans) != len(plan_paths(args.cache_plan)):
+        raise MiniditError("--cache-plan: two plan files have the same name; each row of the report is named by its "
+                           "file")
+    first = next(iter(plans.values()))
+    steps = (args.steps or [first.steps])[0]
+    scheduler = (args.scheduler or [first.scheduler])[0]
+    if len(args.steps or []) > 1 or len(args.scheduler or []) > 1:
+        raise MiniditError("--cache-plan samples with one step count and scheduler: the plans'")
+    options = check_args(args, spec, recipe_type)
+    out = Path(args.out or f"runs/caching-{spec.name}")
+    device = args.device or default_device()
+    loaded = load(args, spec, options, distributed.Ranks(), device)
+    names = [layer.name for layer in loaded.recipe.attention_layers()]
+    for name, plan in plans.items():
+        try:
+            plan.check_against(spec.name, names, steps, scheduler)
+        except MiniditError as e:
+            raise MiniditError(f"--cache-plan {name}: {e}") from None
+    guidance = loaded.recipe.default_guidance if args.guidance is None else args.guidance
+    seeds = args.seed or [0]
+    print(f"{spec.name}: {len(loaded.prompts)} prompts x {len(seeds)} seeds x {steps} steps ({scheduler}, guidance "
+          f"{guidance}) on {device} in {loaded.dtype}, batch size {args.batch_size}: uncached and {len(plans)} "
+          f"plans -> {out}", file=sys.stderr)
+    rows = evaluate(loaded.recipe, spec.name, plans, loaded.prompts, seeds, scheduler_name=scheduler,
+                    guidance=guidance, batch_size=args.batch_size)
+    context = {"model": spec.name, "steps": steps, "scheduler": scheduler, "guidance": guidance, "seeds": seeds,
+               "prompts": loaded.prompts, "prompt_source": loaded.source, "batch_size": args.batch_size,
+               "device": device, "dtype": loaded.dtype, "plans": {name: str(p) for name, p in
+                                                                   zip(plans, plan_paths(args.cache_plan))},
+               "title": f"{spec.name}, {steps} steps ({scheduler}): caching plans, quality against speed-up "
+                        f"(labels: skipped fraction)"}
+    write_report(rows, out, context)
+    print_table(rows)
+    print(f"report in {out}/ (report.md, report.csv, report.json, quality_vs_speedup.png)", file=sys.stderr)
+    return out
 
 
 class Terminated(KeyboardInterrupt):
@@ -429,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             finish(Path(args.aggregate))
         elif args.plan:
             make_plan(args)
+        elif args.cache_plan:
+            evaluate_plans(args)
         else:
             analyze(args)
     except distributed.Reported:  # rank 0 has said what went wrong; torchrun may now stop this process quietly

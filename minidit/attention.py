@@ -38,6 +38,16 @@ class AttentionLayer:
     # "block", the block's whole update of the residual stream (FLUX single-stream: attention and MLP share one
     # output projection, so the FFN has no output of its own); None: no F is filed under this layer (cross-attention)
     f_point: str | None = "ffn"
+    # the modules whose outputs a caching plan reuses for this layer's feed-forward, by module path (the attention's
+    # own module is `name`): the block's FFN, one per stream in joint blocks; for f_point "block", the block itself
+    ffn: tuple[str, ...] = ()
+
+
+def in_block(layer: str, *names: str) -> tuple[str, ...]:
+    """The module paths of `names` in the block that holds attention `layer` ("transformer_blocks.3.attn1", "ff"
+    -> ("transformer_blocks.3.ff",)): an AttentionLayer's `ffn`."""
+    block = layer.rsplit(".", 1)[0]
+    return tuple(f"{block}.{name}" for name in names)
 
 
 class Recorder(Protocol):

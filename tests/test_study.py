@@ -359,7 +359,7 @@ def test_preset_paper_fills_the_flags_not_given():
 
     args = analyze.parse_args(["--model", "mochi", "--preset", "paper", "--prompts", "p.txt", "--steps", "8"])
     analyze.apply_preset(args)
-    assert (args.steps, args.scheduler, args.guidance, args.seed) == ([8], ["mochi"], 4.5, 42)  # --steps given wins
+    assert (args.steps, args.scheduler, args.guidance, args.seed) == ([8], ["mochi"], 4.5, [42])  # --steps given wins
     assert (args.frames, args.height, args.width, args.dtype, args.num_prompts) == (49, 480, 848, "bf16", 100)
     args = analyze.parse_args(["--model", "pixart", "--preset", "paper"])
     with pytest.raises(MiniditError, match="runs 1000 prompts: pass them with --prompts FILE"):

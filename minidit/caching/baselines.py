@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from minidit.analysis.aggregate import Run
-from minidit.caching.measured import branch_measured, component_change, provenance
+from minidit.caching.measured import branch_measured, coherent, component_change, provenance
 from minidit.caching.plan import COMPONENTS, Plan, equal_cost, fraction
 from minidit.errors import MiniditError
 
@@ -29,14 +29,21 @@ def fora(run: Run, budget: float, *, cost: np.ndarray | None = None) -> Plan:
     caching with interval N. Every layer's attention and MLP are computed at steps 0, N, 2N, ... and reused from
     the last of those in between; nothing is measured. N is chosen so the skipped fraction, (steps reused) /
     steps, is closest to the budget; an offset o (computing o, o + N, ... and step 0) refines it, the paper's
-    o = 0 and the smaller N first on a tie. N = 1 computes everything."""
+    o = 0 and the smaller N first on a tie. N = 1 computes everything.
+
+    A uniform period skips about 1 - 1/N of the steps: nothing between 0 and about one half. Those budgets get a
+    computed warm-up: steps 0 .. w - 1 always computed, then every N-th from w (FORA-style caches in later work keep
+    their first steps too: Delta-DiT, ToCa). These come after the paper's own schedules, so a tie keeps the paper's;
+    `source` records w as "warmup"."""
     info = provenance(run)
     cost = equal_cost(len(info["layers"])) if cost is None else np.asarray(cost, dtype=float)
     steps = np.arange(info["steps"])
     schedules = [(((steps - offset) % interval != 0) & (steps > 0), {"interval": interval, "offset": offset})
                  for offset in range(len(steps)) for interval in range(offset + 1, len(steps) + 1)]
+    schedules += [(((steps - warmup) % interval != 0) & (steps > warmup), {"interval": interval, "warmup": warmup})
+                  for warmup in range(2, len(steps)) for interval in range(2, len(steps) + 1)]
     reused, chosen = min(schedules, key=lambda s: abs(s[0].mean() - budget))  # every cell of a step alike
-    reuse = np.broadcast_to(reused[:, None, None], (len(steps), len(info["layers"]), 2)).copy()
+    reuse = coherent(np.broadcast_to(reused[:, None, None], (len(steps), len(info["layers"]), 2)), run)
     return Plan(reuse, method="fora", budget=budget, cost=cost,
                 source={"baseline": "FORA (Selvaraju et al. 2024)", "run": str(run.path), **chosen}, **info)
 
@@ -135,7 +142,7 @@ def smoothcache(run: Run, budget: float, *, lookahead: int = SMOOTHCACHE_LOOKAHE
     for alpha in [-math.inf, *values]:
         computed = [smoothcache_scan(e, alpha) for e in errors]
         reuse = np.broadcast_to(~np.stack(computed, axis=1)[:, None, :], (info["steps"], len(info["layers"]), 2))
-        candidates.append((reuse.copy(), {"alpha": alpha if math.isfinite(alpha) else None}))
+        candidates.append((coherent(reuse, run), {"alpha": alpha if math.isfinite(alpha) else None}))
     reuse, chosen = closest(candidates, budget, cost)
     return Plan(reuse, method="smoothcache", budget=budget, cost=cost,
                 source={"baseline": "SmoothCache (Liu et al. 2024)", "run": str(run.path), "metric": "rel_l1",

@@ -48,11 +48,24 @@ FUSED = "block"  # a layer's f_point when its F is the whole block's output (FLU
 
 
 def provenance(run: Run) -> dict:
-    """What a plan made from `run` records about the run: model, steps, scheduler name, layer names."""
+    """What a plan made from `run` records about the run: model, steps, scheduler (as analyze.py --scheduler names
+    it: a flow-matching sampler by its schedule, "flux", "sd3", "mochi"; the others by name), layer names."""
     scheduler = run.manifest["scheduler"]
-    return {"model": run.manifest["model"], "steps": run.manifest["steps"],
-            "scheduler": scheduler["name"] if isinstance(scheduler, dict) else str(scheduler),
+    if isinstance(scheduler, dict):
+        scheduler = scheduler.get("schedule", scheduler["name"])
+    return {"model": run.manifest["model"], "steps": run.manifest["steps"], "scheduler": str(scheduler),
             "layers": [layer["name"] for layer in run.layers]}
+
+
+def coherent(reuse: np.ndarray, run: Run) -> np.ndarray:
+    """`reuse` made what a sampler can skip as counted (cache.py): no feed-forward reuse in a cross-attention layer
+    (its block's feed-forward is filed under the block's self-attention), and in a fused layer (FLUX single-stream,
+    where the feed-forward cell is the whole block) a reused feed-forward reuses the attention too."""
+    reuse = reuse.copy()
+    reuse[:, [layer["kind"] == "cross" for layer in run.layers], 1] = False
+    fused = [layer.get("f_point") == FUSED for layer in run.layers]
+    reuse[:, fused, 0] |= reuse[:, fused, 1]
+    return reuse
 
 
 def branch_measured(run: Run) -> str:

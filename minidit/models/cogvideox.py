@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output, in_block
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope
@@ -291,7 +291,8 @@ class CogVideoXTransformer(nn.Module):
 
     def attention_layers(self) -> list[AttentionLayer]:
         """The joint attention of every block, in order (42 for 5b, 30 for 2b)."""
-        return [AttentionLayer(b.attn1.layer, "joint", streams=("img", "txt")) for b in self.transformer_blocks]
+        return [AttentionLayer(b.attn1.layer, "joint", streams=("img", "txt"), ffn=in_block(b.attn1.layer, "ff"))
+                for b in self.transformer_blocks]
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output, in_block
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, split_heads, timestep_embedding, unpatchify
 from minidit.weights import DROP, shared, split, weight_and_bias
@@ -176,7 +176,8 @@ class DiT(nn.Module):
         return unpatchify(x, h, w, p)
 
     def attention_layers(self) -> list[AttentionLayer]:
-        return [AttentionLayer(b.attn1.layer, "self") for b in self.transformer_blocks]
+        return [AttentionLayer(b.attn1.layer, "self", ffn=in_block(b.attn1.layer, "ff"))
+                for b in self.transformer_blocks]
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output, in_block
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope, rope_frequencies
@@ -218,19 +218,14 @@ class SingleStreamBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, 4 * dim)
         self.proj_out = nn.Linear(5 * dim, dim)  # input: [attention (D), GELU(MLP) (4D)]
 
-    def forward(self, x, c, emb, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        lt = c.shape[1]
-        streams = (("txt", lt), ("img", x.shape[1]))
-        h = torch.cat([c, x], dim=1)  # (B, Lt + L, D): text first
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope, streams) -> torch.Tensor:
+        """h (B, Lt + L, D), text first -> the block's update of h (its caller adds it): F, at f_point "block"."""
         shift, scale, gate = self.norm(emb)
         h_in = modulate(self.norm.norm(h), shift, scale)
         a = self.attn(h_in, rope, streams=streams)
         mlp = F.gelu(self.proj_mlp(h_in), approximate="tanh")
         update = gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))
-        h = h + feed_forward_output(update, layer=self.attn.layer, streams=streams)  # F: the whole update ("block")
-        if h.dtype == torch.float16:  # NOTE(official): clipped to the fp16 range
-            h = h.clip(-65504, 65504)
-        return h[:, lt:], h[:, :lt]
+        return feed_forward_output(update, layer=self.attn.layer, streams=streams)
 
 
 class FluxTransformer(nn.Module):
@@ -259,15 +254,23 @@ class FluxTransformer(nn.Module):
         rope = rope_frequencies(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope, ROPE_THETA)
         for block in self.transformer_blocks:
             x, c = block(x, c, emb, rope)
+        lt = c.shape[1]
+        streams = (("txt", lt), ("img", x.shape[1]))
+        h = torch.cat([c, x], dim=1)  # (B, Lt + L, D): the single-stream blocks see one sequence, text first
         for block in self.single_transformer_blocks:
-            x, c = block(x, c, emb, rope)
+            h = h + block(h, emb, rope, streams)
+            if h.dtype == torch.float16:  # NOTE(official): clipped to the fp16 range
+                h = h.clip(-65504, 65504)
+        x = h[:, lt:]
         return self.proj_out(self.norm_out(x, emb))
 
     def attention_layers(self) -> list[AttentionLayer]:
         """The 19 double-stream blocks, then the 38 single-stream blocks."""
-        double = [AttentionLayer(b.attn.layer, "joint", streams=("img", "txt")) for b in self.transformer_blocks]
-        single = [AttentionLayer(b.attn.layer, "joint", streams=("img", "txt"), a_point="pre_proj", f_point="block")
-                  for b in self.single_transformer_blocks]
+        double = [AttentionLayer(b.attn.layer, "joint", streams=("img", "txt"),
+                                 ffn=in_block(b.attn.layer, "ff", "ff_context")) for b in self.transformer_blocks]
+        single = [AttentionLayer(b.attn.layer, "joint", streams=("img", "txt"), a_point="pre_proj", f_point="block",
+                                 ffn=(f"single_transformer_blocks.{i}",))  # F is the block's output: the block
+                  for i, b in enumerate(self.single_transformer_blocks)]
         return double + single
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output, in_block
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, split_heads, timestep_embedding, unpatchify
 
@@ -260,8 +260,10 @@ class Latte(nn.Module):
         """The 28 spatial then the 28 temporal self-attention layers; with `cross`, then the 28 cross-attention
         layers of the spatial blocks (kind cross: K and V from the text, A on the video tokens; a block's F is filed
         under its self-attention, none under its cross-attention)."""
-        layers = [AttentionLayer(b.attn1.layer, "spatial") for b in self.transformer_blocks]
-        layers += [AttentionLayer(b.attn1.layer, "temporal") for b in self.temporal_transformer_blocks]
+        layers = [AttentionLayer(b.attn1.layer, "spatial", ffn=in_block(b.attn1.layer, "ff"))
+                  for b in self.transformer_blocks]
+        layers += [AttentionLayer(b.attn1.layer, "temporal", ffn=in_block(b.attn1.layer, "ff"))
+                   for b in self.temporal_transformer_blocks]
         if cross:
             layers += [AttentionLayer(b.attn2.layer, "cross", streams=("img", "txt"), f_point=None)
                        for b in self.transformer_blocks]

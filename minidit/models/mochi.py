@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output, in_block
 from minidit.errors import MiniditError
 from minidit.layers import MLPEmbedding, modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope
@@ -358,7 +358,9 @@ class MochiTransformer(nn.Module):
     def attention_layers(self) -> list[AttentionLayer]:
         """The joint attention of every block, in order (48). The last block's text tokens enter K and V but have no
         output, so that layer records A for the visual tokens only."""
-        return [AttentionLayer(b.attn1.layer, "joint", streams=("img", "txt")) for b in self.transformer_blocks]
+        return [AttentionLayer(b.attn1.layer, "joint", streams=("img", "txt"),
+                               ffn=in_block(b.attn1.layer, "ff", *([] if b.context_pre_only else ["ff_context"])))
+                for b in self.transformer_blocks]
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------

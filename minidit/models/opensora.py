@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output, in_block
 from minidit.errors import MiniditError
 from minidit.layers import modulate, split_heads, timestep_embedding
 from minidit.rope import apply_rope
@@ -364,8 +364,10 @@ class STDiT3(nn.Module):
         """The 28 spatial then the 28 temporal self-attention layers; with `cross`, then the 28 + 28 cross-attention
         layers of the same blocks (kind cross: K and V from the text, A on the video tokens; a block's F is filed
         under its self-attention, none under its cross-attention)."""
-        layers = [AttentionLayer(b.attn.layer, "spatial") for b in self.spatial_blocks]
-        layers += [AttentionLayer(b.attn.layer, "temporal") for b in self.temporal_blocks]
+        layers = [AttentionLayer(b.attn.layer, "spatial", ffn=in_block(b.attn.layer, "mlp"))
+                  for b in self.spatial_blocks]
+        layers += [AttentionLayer(b.attn.layer, "temporal", ffn=in_block(b.attn.layer, "mlp"))
+                   for b in self.temporal_blocks]
         if cross:
             layers += [AttentionLayer(b.cross_attn.layer, "cross", streams=("img", "txt"), f_point=None)
                        for b in [*self.spatial_blocks, *self.temporal_blocks]]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output, in_block
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, sincos_2d, split_heads, timestep_embedding, unpatchify
 from minidit.weights import DROP, split, weight_and_bias
@@ -223,7 +223,8 @@ class PixArt(nn.Module):
     def attention_layers(self, cross: bool = False) -> list[AttentionLayer]:
         """The 28 self-attention layers; with `cross`, then the 28 cross-attention layers (kind cross; a block's F
         is filed under its self-attention, none under its cross-attention)."""
-        layers = [AttentionLayer(b.attn1.layer, "self") for b in self.transformer_blocks]
+        layers = [AttentionLayer(b.attn1.layer, "self", ffn=in_block(b.attn1.layer, "ff"))
+                  for b in self.transformer_blocks]
         if cross:
             layers += [AttentionLayer(b.attn2.layer, "cross", streams=("img", "txt"), f_point=None)
                        for b in self.transformer_blocks]

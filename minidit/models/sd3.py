@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minidit import weights
-from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output
+from minidit.attention import AttentionLayer, attention, attention_output, feed_forward_output, in_block
 from minidit.errors import MiniditError
 from minidit.layers import FeedForward, MLPEmbedding, modulate, split_heads, timestep_embedding, unpatchify
 from minidit.weights import split, swap_halves, weight_and_bias
@@ -215,7 +215,9 @@ class SD3Transformer(nn.Module):
         return unpatchify(x, h, w, p)
 
     def attention_layers(self) -> list[AttentionLayer]:
-        return [AttentionLayer(b.attn.layer, "joint", streams=("img", "txt")) for b in self.transformer_blocks]
+        return [AttentionLayer(b.attn.layer, "joint", streams=("img", "txt"),
+                               ffn=in_block(b.attn.layer, "ff", *([] if b.context_pre_only else ["ff_context"])))
+                for b in self.transformer_blocks]
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------
