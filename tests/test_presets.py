@@ -54,7 +54,7 @@ def test_analyze_takes_the_preset_as_its_flags(model):
     for name, value in args.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     parsed = analyze.parse_args(argv)
-    sweepable = ("steps", "scheduler")  # flags that take a list (a sweep): one value is a list of one
+    sweepable = ("steps", "scheduler", "seed")  # flags that take a list (a sweep, or seeds): one value is a list of one
     assert {name: getattr(parsed, name) for name in args} == {
         name: [value] if name in sweepable else value for name, value in args.items()}
     options = analyze.recipe_options(recipe_class(model_spec(model).family), parsed)
