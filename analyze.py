@@ -100,8 +100,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "to skip, 0 <= F < 1; a comma-separated list (0.2,0.35,0.5) writes one plan per budget and "
                    "method into the folder --out, as METHOD-BUDGET.json")
     p.add_argument("--method", type=name_list, default=["measured"],
-                   help="with --plan: measured (the run's lowest-change cells, default), fora, pab or smoothcache "
-                        "(the baselines), or several, comma-separated")
+                   help="with --plan: measured (the run's lowest-change steps, default), measured-cells (its "
+                        "lowest-change layer and component cells), fora, pab or smoothcache (the baselines), or "
+                        "several, comma-separated")
     p.add_argument("--cache-plan", metavar="PLAN", help="sample with caching plans (comma-separated files, or a "
                    "folder of them) and with none, side by side, and report time, FLOPs, memory and quality against "
                    "the uncached samples in --out (default runs/caching-MODEL)")

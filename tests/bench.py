@@ -256,6 +256,44 @@ def torchrun_throughput(prompts: int, steps: int, repeats: int) -> None:
           f"{best[1][1] / best[2][1]:.2f} x")
 
 
+def caching_speedup(name: str, recipe, prompts: list[str], steps: int, repeats: int, budget: float = 0.35,
+                    weights: Path | None = None) -> None:
+    """Wall time of sampling with a measured plan at `budget` against the uncached sampler, in one process,
+    alternating, best of `repeats`: a run with F, its plan, then the same batch sampled both ways."""
+    import analyze
+    from minidit.caching import load as load_plan
+    from minidit.caching.cache import PlanCache
+    from minidit.caching.report import count_flops
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = Path(tmp) / "prompts.txt"
+        prompt_file.write_text("\n".join(prompts) + "\n")
+        common = ["--model", name, "--steps", str(steps), "--prompts", str(prompt_file), "--device", "cpu",
+                  *(["--weights", str(weights)] if weights else [])]
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # the commands' progress
+            assert analyze.main([*common, "--ffn", "--out", f"{tmp}/run"]) == 0
+            assert analyze.main(["--plan", f"{tmp}/run", "--budget", str(budget), "--out", f"{tmp}/plan.json"]) == 0
+        plan = load_plan(f"{tmp}/plan.json")
+    cache = PlanCache(recipe.model, recipe.attention_layers(), plan)
+    guidance = recipe.default_guidance
+
+    def uncached():
+        recipe.generate(prompts, 1, recipe.make_scheduler(plan.scheduler, steps), guidance)
+
+    def cached():
+        with cache.sampling():
+            uncached()
+
+    recipe.prepare(prompts)
+    uncached(), cached()  # warm-up
+    flops = 1 - count_flops(cached) / count_flops(uncached)
+    plain, planned = best_of(repeats, uncached, cached)
+    print(f"{name}: {len(prompts)} prompts in one batch x {steps} steps, guidance {guidance}; measured plan at budget "
+          f"{budget}: skips {plan.skipped_fraction():.1%} of block computations, {flops:.1%} of the FLOPs (counted), "
+          f"best of {repeats}")
+    print(f"  uncached {plain:.3f} s, with the plan {planned:.3f} s: speed-up {plain / planned:.2f} x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=4)
@@ -264,7 +302,8 @@ def main() -> None:
     p.add_argument("--latte-only", action="store_true", help="only Latte-1's width, in this process")
     p.add_argument("--device", help="run the GPU bench (tests/gpu_bench.py) on this device instead: cuda, or cpu at "
                                     "its reduced size")
-    p.add_argument("--only", choices=["study"], help="study: only the throughput at batch sizes and with torchrun")
+    p.add_argument("--only", choices=["study", "caching"], help="study: only the throughput at batch sizes and with "
+                   "torchrun; caching: only the speed-up of a 0.35-budget plan")
     args = p.parse_args()
     if args.device is not None:
         import gpu_bench
@@ -274,6 +313,15 @@ def main() -> None:
     if args.latte_only:
         latte_width(steps=4, repeats=args.repeats)
         return
+    if args.only in (None, "caching"):
+        flux_tiny, dit_tiny = minidit.load_backbone("flux-tiny"), minidit.load_backbone("dit-tiny")
+        caching_speedup("dit-tiny", dit_tiny, dit_tiny.default_prompts(), dit_tiny.default_steps, args.repeats)
+        caching_speedup("flux-tiny", flux_tiny, list(FLUX_TINY_PROMPTS), flux_tiny.default_steps, args.repeats)
+        xl_folder = xl_width_folder()
+        caching_speedup("dit-tiny", minidit.load_backbone("dit-tiny", weights_dir=xl_folder), ["0", "1"], 20,
+                        max(2, args.repeats // 2), weights=xl_folder)
+        if args.only == "caching":
+            return
     batch_throughput(prompts=16, steps=args.steps, repeats=args.repeats)
     torchrun_throughput(prompts=16, steps=args.steps, repeats=max(2, args.repeats // 2))
     if args.only == "study":

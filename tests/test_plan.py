@@ -79,7 +79,7 @@ def test_budget_zero_computes_everything(run):
 
 @pytest.mark.parametrize("budget", [0.05, 0.2, 0.37, 0.45])
 def test_measured_plan_hits_the_budget_and_keeps_its_rules(run, budget):
-    plan = from_run(run, budget, keep_first=3, keep_last=2, max_reuse=2)
+    plan = from_run(run, budget, granularity="cell", keep_first=3, keep_last=2, max_reuse=2)
     cell = 0.5 / (plan.steps * 5 * 1.0)  # one cell's share: half a block of one layer at one step
     assert budget <= plan.skipped_fraction() < budget + cell + 1e-12
     assert not plan.reuse[:3].any() and not plan.reuse[-2:].any()
@@ -89,8 +89,8 @@ def test_measured_plan_hits_the_budget_and_keeps_its_rules(run, budget):
 def test_measured_plan_prefers_low_change_cells():
     change = np.full((12, 4, 2), 1.0)
     change[:, 2, 0] = 0.01  # layer 2's attention barely changes
-    plan = from_run(fake_run(change, tensors=("K", "V", "A", "F")), 9 * 0.5 / (12 * 4), keep_first=2, keep_last=1,
-                    max_reuse=9)  # exactly the 9 cells of layer 2's attention that may be reused
+    plan = from_run(fake_run(change, tensors=("K", "V", "A", "F")), 9 * 0.5 / (12 * 4), granularity="cell",
+                    keep_first=2, keep_last=1, max_reuse=9)  # exactly the 9 reusable cells of layer 2's attention
     assert plan.reuse[2:11, 2, 0].all() and plan.reuse.sum() == 9
 
 
@@ -99,9 +99,32 @@ def test_candidates_are_scored_by_the_accumulated_change():
     would carry step 0's output to step 3 (0.6 x 3 = 1.8), worse than one step of layer 0 (1.0)."""
     change = np.ones((4, 2, 2))
     change[:, 1] = 0.6
-    plan = from_run(fake_run(change), 3 * 0.5 / 8, keep_first=1, keep_last=0, max_reuse=3)  # attention only
+    plan = from_run(fake_run(change), 3 * 0.5 / 8, granularity="cell", keep_first=1, keep_last=0,
+                    max_reuse=3)  # attention only
     assert plan.reuse[[1, 3], 1, 0].all() and not plan.reuse[2, 1, 0]
     assert plan.reuse[:, 0, 0].sum() == 1
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.37, 0.45])
+def test_the_default_plan_reuses_whole_steps(run, budget):
+    """granularity "step": every cell of a chosen step, the steps chosen by the same greedy rules on the change
+    averaged over layers and components; the budget reached within one step's share."""
+    plan = from_run(run, budget, keep_first=3, keep_last=2, max_reuse=2)
+    assert plan.method == "measured" and plan.source["granularity"] == "step"
+    per_step = plan.reuse.reshape(plan.steps, -1)
+    assert (per_step == per_step[:, :1]).all()
+    assert budget <= plan.skipped_fraction() < budget + 1 / plan.steps + 1e-12
+    assert not plan.reuse[:3].any() and not plan.reuse[-2:].any() and longest_chain(plan.reuse) <= 2
+
+
+def test_whole_steps_are_chosen_by_the_layer_averaged_change():
+    change = np.full((12, 4, 2), 1.0)
+    change[7, :, :] = 0.1  # step 7 barely changes in any layer
+    change[4, 0, 0] = 0.0  # step 4: one layer's attention is still, the average is not
+    plan = from_run(fake_run(change, tensors=("K", "V", "A", "F")), 1 / 12, max_reuse=9)
+    assert np.flatnonzero(plan.reuse.all(axis=(1, 2))).tolist() == [7] and plan.reuse.sum() == 8
+    attention_only = from_run(fake_run(change), 0.5 / 12, max_reuse=9)  # no F: a step reuses its attention
+    assert attention_only.reuse[7, :, 0].all() and attention_only.reuse.sum() == 4
 
 
 def test_a_run_without_f_plans_attention_only(run):
@@ -227,7 +250,7 @@ def test_a_smoothcache_plan_round_trips(run):
 
 
 def test_smoothcache_per_block_keys(run):
-    plan = from_run(run, 0.3)  # differs per layer: one list cannot hold it
+    plan = from_run(run, 0.3, granularity="cell")  # differs per layer: one list cannot hold it
     with pytest.raises(MiniditError, match="one attn list for every layer.*per_block=True"):
         to_smoothcache(plan)
     schedule = to_smoothcache(plan, per_block=True)
@@ -326,4 +349,5 @@ def test_the_plan_command(tmp_path, capsys):
     assert analyze.main(["--plan", str(run), "--budget", "0.2", "--method", "magic", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --plan RUN needs --budget F (the fraction of block computations to skip) and --out "
-                   "PLAN.json (a folder, with several budgets or methods)", "error: unknown plan method 'magic': choose one of measured, fora, pab, smoothcache"]
+                   "PLAN.json (a folder, with several budgets or methods)",
+                   "error: unknown plan method 'magic': choose one of measured, measured-cells, fora, pab, smoothcache"]

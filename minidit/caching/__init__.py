@@ -5,9 +5,10 @@
     baselines.py     FORA, PAB and SmoothCache at the same budget
     smoothcache_file.py  SmoothCache's schedule JSON, read and written
 
-    analyze.py --plan RUN --budget F --out PLAN.json [--method measured|fora|pab|smoothcache]
+    analyze.py --plan RUN --budget F --out PLAN.json [--method measured|measured-cells|fora|pab|smoothcache]
 """
 
+import functools
 from pathlib import Path
 
 from minidit.analysis.aggregate import read_run
@@ -17,7 +18,8 @@ from minidit.caching.plan import COMPONENTS, Plan, load
 from minidit.caching.smoothcache_file import from_smoothcache, to_smoothcache, write_smoothcache
 from minidit.errors import MiniditError
 
-METHODS = {"measured": from_run, "fora": fora, "pab": pab, "smoothcache": smoothcache}
+METHODS = {"measured": from_run, "measured-cells": functools.partial(from_run, granularity="cell"), "fora": fora,
+           "pab": pab, "smoothcache": smoothcache}
 
 
 def plan_command(run_path: str | Path, budget: float, out_path: str | Path, method: str = "measured",
@@ -28,8 +30,9 @@ def plan_command(run_path: str | Path, budget: float, out_path: str | Path, meth
         --plan RUN          a finished run directory (analyze.py --out RUN; with --ffn to plan the feed-forward)
         --budget F          the fraction of block computations to skip, 0 <= F < 1 (plan.py: how it is counted)
         --out PLAN.json     where to write the plan
-        --method M          measured (default), fora, pab or smoothcache
-    `options` go to the method: for measured, metric, keep_first, keep_last, max_reuse (measured.py: the
+        --method M          measured (default; whole steps), measured-cells (each layer and component on its own),
+                            fora, pab or smoothcache
+    `options` go to the method: for measured, granularity, metric, keep_first, keep_last, max_reuse (measured.py: the
     defaults and the measurements behind them); for smoothcache, lookahead; for every method, cost.
     """
     if method not in METHODS:

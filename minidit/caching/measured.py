@@ -40,6 +40,8 @@ from minidit.analysis.aggregate import METRICS, POOLED, Run, derive
 from minidit.caching.plan import COMPONENTS, Plan, equal_cost, fraction
 from minidit.errors import MiniditError
 
+GRANULARITIES = ("step", "cell")
+GRANULARITY = "step"  # the default (module docstring: why)
 KEEP_FIRST = 2
 KEEP_LAST = 1
 MAX_REUSE = 3
@@ -86,10 +88,14 @@ def component_change(run: Run, metric: str = "rel_l1") -> np.ndarray:
     return change
 
 
-def from_run(run: Run, budget: float, *, metric: str = "rel_l1", keep_first: int = KEEP_FIRST,
-             keep_last: int = KEEP_LAST, max_reuse: int = MAX_REUSE, cost: np.ndarray | None = None) -> Plan:
-    """The measured plan: the lowest-change cells reused until `budget` of the block computations is skipped."""
+def from_run(run: Run, budget: float, *, granularity: str = GRANULARITY, metric: str = "rel_l1",
+             keep_first: int = KEEP_FIRST, keep_last: int = KEEP_LAST, max_reuse: int = MAX_REUSE,
+             cost: np.ndarray | None = None) -> Plan:
+    """The measured plan: the lowest-change steps (granularity "step") or cells ("cell") reused until `budget` of
+    the block computations is skipped."""
     steps = run.manifest["steps"]
+    if granularity not in GRANULARITIES:
+        raise MiniditError(f"unknown granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
     if keep_first < 1 or keep_last < 0 or max_reuse < 1:
         raise MiniditError(f"keep_first must be >= 1 (step 0 has nothing to reuse), keep_last >= 0 and max_reuse "
                            f">= 1; got {keep_first}, {keep_last}, {max_reuse}")
@@ -98,9 +104,13 @@ def from_run(run: Run, budget: float, *, metric: str = "rel_l1", keep_first: int
     allowed = np.zeros(change.shape, dtype=bool)
     allowed[keep_first:steps - keep_last] = True
     allowed &= ~np.isnan(change)
-    fused = np.array([measured[1] and layer.get("f_point") == FUSED for layer in run.layers])
     cost = equal_cost(len(run.layers)) if cost is None else np.asarray(cost, dtype=float)
-    reuse = greedy(change, cost, budget, allowed, max_reuse, fused)
+    if granularity == "step":
+        reusable = coherent(np.broadcast_to(measured, change.shape), run)[0]  # [layer, component]
+        reuse = whole_steps(change, cost, budget, allowed.any(axis=(1, 2)), max_reuse, reusable)
+    else:
+        fused = np.array([measured[1] and layer.get("f_point") == FUSED for layer in run.layers])
+        reuse = greedy(change, cost, budget, allowed, max_reuse, fused)
     reached = fraction(reuse, cost)
     if reached < budget * (1 - 1e-12):
         only = "" if measured[1] else " (attention only: the run has no F; rerun analyze.py with --ffn)"
@@ -109,10 +119,25 @@ def from_run(run: Run, budget: float, *, metric: str = "rel_l1", keep_first: int
                            f"block computations{only}")
     source = {"run": str(run.path), "metric": metric, "branch": branch_measured(run), "prompts": len(run.sums),
               "tensors": {c: COMPONENT_TENSOR[c] if measured[i] else None for i, c in enumerate(COMPONENTS)},
-              "keep_first": keep_first, "keep_last": keep_last, "max_reuse": max_reuse}
+              "granularity": granularity, "keep_first": keep_first, "keep_last": keep_last, "max_reuse": max_reuse}
     if not measured[1]:
         source["note"] = "the run has no F: feed-forward always computed (rerun analyze.py with --ffn to plan it)"
-    return Plan(reuse, method="measured", budget=budget, source=source, cost=cost, **provenance(run))
+    method = "measured" if granularity == GRANULARITY else f"measured-{granularity}s"
+    return Plan(reuse, method=method, budget=budget, source=source, cost=cost, **provenance(run))
+
+
+def whole_steps(change: np.ndarray, cost: np.ndarray, budget: float, allowed: np.ndarray, max_reuse: int,
+                reusable: np.ndarray) -> np.ndarray:
+    """reuse [step, layer, component]: whole steps, every `reusable` [layer, component] cell of a chosen step,
+    chosen by `greedy` on one curve, the change averaged over layers and measured components (`allowed`: [step])."""
+    steps = len(change)
+    curve = np.full((steps, 1, 2), np.nan)  # greedy's layout: one "layer", its second component never chosen
+    curve[1:, 0, 0] = np.nanmean(change[1:], axis=(1, 2))
+    share = (cost * reusable).sum() / cost.sum()  # of the block computations, what one reused step skips
+    one = np.zeros((steps, 1, 2), dtype=bool)
+    one[:, 0, 0] = allowed
+    chosen = greedy(curve, np.array([[share, 1 - share]]), budget, one, max_reuse, np.array([False]))[:, 0, 0]
+    return chosen[:, None, None] & reusable[None]
 
 
 def greedy(change: np.ndarray, cost: np.ndarray, budget: float, allowed: np.ndarray, max_reuse: int,

@@ -227,7 +227,8 @@ def write_report(rows: list[Row], out: Path, context: dict) -> list[Path]:
     return [out / name for name in ("report.json", "report.csv", "report.md", "quality_vs_speedup.png")]
 
 
-METHOD_STYLE = {"measured": ("C3", "o"), "fora": ("C0", "s"), "pab": ("C2", "^"), "smoothcache": ("C1", "D")}
+METHOD_STYLE = {"measured": ("C3", "o"), "measured-cells": ("C4", "v"), "fora": ("C0", "s"), "pab": ("C2", "^"),
+                "smoothcache": ("C1", "D")}
 
 
 def figure(rows: list[Row], path: Path, title: str = "") -> Path:
