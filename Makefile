@@ -5,7 +5,7 @@ ARGS ?=
 # Set TORCH_VERSION to pin torch at install time (CI uses the CPU build 2.13.0); unset keeps your own torch.
 TORCH_VERSION ?=
 
-.PHONY: install install-reference test test-portable mutants tolerances analyze bench fixtures train-tiny
+.PHONY: install install-reference test test-portable mutants tolerances analyze bench caching fixtures train-tiny
 
 install:
 	$(if $(TORCH_VERSION),$(PYTHON) -m pip install "torch==$(TORCH_VERSION)")
@@ -37,6 +37,9 @@ analyze:
 
 bench:
 	$(PYTHON) -u tests/bench.py $(ARGS)
+
+caching:  # the README's table of caching plans on flux-tiny and dit-tiny, from scratch (about 40 minutes)
+	$(PYTHON) -u tests/caching_evidence.py $(ARGS)
 
 fixtures:  # regenerate tests/fixtures from the reference implementations (needs install-reference)
 	$(PYTHON) tests/reference/generate.py

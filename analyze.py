@@ -452,16 +452,21 @@ def plan_paths(text: str) -> list[Path]:
 
 def evaluate_plans(args: argparse.Namespace) -> Path:
     """--cache-plan: sample the prompts with every plan and without, report time, FLOPs, memory and quality."""
+    from minidit.caching import METHODS
     from minidit.caching import load as load_plan
     from minidit.caching.report import evaluate, print_table, write_report
     from minidit.pipelines import model_spec, recipe_class
 
     spec = model_spec(args.model)
     recipe_type = recipe_class(spec.family)
-    plans = {path.stem: load_plan(path) for path in plan_paths(args.cache_plan)}
-    if len(plans) != len(plan_paths(args.cache_plan)):
+    paths = plan_paths(args.cache_plan)
+    plans = {path.stem: load_plan(path) for path in paths}
+    if len(plans) != len(paths):
         raise MiniditError("--cache-plan: two plan files have the same name; each row of the report is named by its "
                            "file")
+    order = list(METHODS)  # rows by budget, then method (measured first), then name
+    plans = dict(sorted(plans.items(), key=lambda item: (item[1].budget, order.index(item[1].method)
+                                                           if item[1].method in order else len(order), item[0])))
     first = next(iter(plans.values()))
     steps = (args.steps or [first.steps])[0]
     scheduler = (args.scheduler or [first.scheduler])[0]
@@ -486,8 +491,7 @@ def evaluate_plans(args: argparse.Namespace) -> Path:
                     guidance=guidance, batch_size=args.batch_size)
     context = {"model": spec.name, "steps": steps, "scheduler": scheduler, "guidance": guidance, "seeds": seeds,
                "prompts": loaded.prompts, "prompt_source": loaded.source, "batch_size": args.batch_size,
-               "device": device, "dtype": loaded.dtype, "plans": {name: str(p) for name, p in
-                                                                   zip(plans, plan_paths(args.cache_plan))},
+               "device": device, "dtype": loaded.dtype, "plans": {path.stem: str(path) for path in paths},
                "title": f"{spec.name}, {steps} steps ({scheduler}): caching plans, quality against speed-up "
                         f"(labels: skipped fraction)"}
     write_report(rows, out, context)

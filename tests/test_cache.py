@@ -165,7 +165,7 @@ def test_the_report_command(tmp_path, capsys):
     assert table.splitlines()[0].startswith("| plan | budget |") and len(table.splitlines()) == 2 + 5
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
-    assert list(rows) == ["uncached", "fora-0.3", "fora-0", "measured-0.3", "measured-0"]
+    assert list(rows) == ["uncached", "measured-0", "fora-0", "measured-0.3", "fora-0.3"]  # by budget, then method
     assert report["seeds"] == [1, 2] and len(report["prompts"]) == 2
     for name in ("uncached", "fora-0", "measured-0"):  # budget 0: the uncached samples, exactly
         assert rows[name]["rel_err_max"] == 0 and rows[name]["flops_skipped"] == 0
