@@ -50,6 +50,8 @@ GENMO_TESTS = (f"{MOCHI_PIPELINE}::test_genmo_table_is_the_inverse",
 CAPTURES = "tests/test_capture_points.py"
 FLUX_PIPELINE = "minidit/pipelines/flux.py"
 FFN_VALUE = "tests/test_ffn.py::test_f_is_the_ffn_output"
+CACHE = "minidit/caching/cache.py"
+CACHE_ORACLE = "tests/test_cache.py::test_a_plan_skips_what_it_reuses_and_nothing_else"
 
 MUTANTS = [
     # ---- capture points: the K, V, A the recorder receives
@@ -453,14 +455,15 @@ MUTANTS = [
         edit(FLUX, "        mlp = F.gelu(self.proj_mlp(h_in), approximate=\"tanh\")\n",
              "        mlp = feed_forward_output(F.gelu(self.proj_mlp(h_in), approximate=\"tanh\"), "
              "layer=self.attn.layer, streams=streams)\n"),
-        edit(FLUX, "h = h + feed_forward_output(update, layer=self.attn.layer, streams=streams)", "h = h + update")),
+        edit(FLUX, "        return feed_forward_output(update, layer=self.attn.layer, streams=streams)",
+             "        return update")),
         (f"{FFN_VALUE}[flux-tiny]",)),
     Mutant("ffn-flux-single-without-gate", "FLUX single-stream F without the gate: proj_out's output, not the block's "
            "update of the residual stream", (
         edit(FLUX, "        update = gate[:, None] * self.proj_out(torch.cat([a, mlp], dim=2))\n"
-                   "        h = h + feed_forward_output(update, layer=self.attn.layer, streams=streams)",
+                   "        return feed_forward_output(update, layer=self.attn.layer, streams=streams)",
              "        update = self.proj_out(torch.cat([a, mlp], dim=2))\n"
-             "        h = h + gate[:, None] * feed_forward_output(update, layer=self.attn.layer, streams=streams)"),),
+             "        return gate[:, None] * feed_forward_output(update, layer=self.attn.layer, streams=streams)"),),
         (f"{FFN_VALUE}[flux-tiny]",)),
     Mutant("ffn-sd3-txt-as-img", "SD3 text-stream F (ff_context) filed under the image stream", (
         edit(SD3, 'feed_forward_output(f_c, layer=self.attn.layer, streams="txt")',
@@ -477,6 +480,43 @@ MUTANTS = [
         edit("minidit/analysis/recorder.py", "self.tensor_index = {name: i for i, name in enumerate(self.tensors)}",
              "self.tensor_index = {name: min(i, 2) for i, name in enumerate(self.tensors)}"),),
         ("tests/test_ffn.py::test_kva_are_unchanged_by_ffn[dit-tiny]",)),
+    # ---- sampling with a caching plan (tests/test_cache.py)
+    Mutant("cache-keeps-for-this-step", "an output kept when this step's cell is reused, not the next one's: a later "
+           "reuse returns an older output", (
+        edit(CACHE, "keep = step + 1 < cache.plan.steps and cache.plan.reuse[step + 1, self.layer, self.component]",
+             "keep = step + 1 < cache.plan.steps"),
+        edit(CACHE, "        cache.keep(self, out if keep else None)",
+             "        if keep and self.kept is None:\n            cache.keep(self, out)"),),
+        (CACHE_ORACLE,)),
+    Mutant("cache-skips-the-next-step", "the reuse looked up one step late (the backbone call counted after the "
+           "blocks ran)", (
+        edit(CACHE, "        if cache.plan.reuse[step, self.layer, self.component]:",
+             "        if step > 0 and cache.plan.reuse[step - 1, self.layer, self.component]:"),),
+        (CACHE_ORACLE,)),
+    Mutant("cache-fused-attention-counted-computed", "a fused block's inner attention not counted as skipped when "
+           "the block is reused", (
+        edit(CACHE, "            for part in self.modules():  # itself, and a fused block's attention inside it\n"
+                    "                if isinstance(part, Reusable):\n"
+                    "                    cache.skipped[part.component] += 1",
+             "            cache.skipped[self.component] += 1"),),
+        (f"{CACHE_ORACLE}[flux-tiny]",)),
+    Mutant("cache-ffn-context-not-wrapped", "SD3's text-stream feed-forward left out of the layer's cache modules: it "
+           "runs when the plan reuses the feed-forward", (
+        edit(SD3, 'ffn=in_block(b.attn.layer, "ff", *([] if b.context_pre_only else ["ff_context"])))',
+             'ffn=in_block(b.attn.layer, "ff"))'),),
+        (f"{CACHE_ORACLE}[sd3]",)),
+    Mutant("plan-whole-steps-attention-only", "measured whole-step plans score steps by the attention's change only",
+           (edit("minidit/caching/measured.py", "curve[1:, 0, 0] = np.nanmean(change[1:], axis=(1, 2))",
+                 "curve[1:, 0, 0] = np.nanmean(change[1:, :, 0], axis=1)"),),
+           ("tests/test_plan.py::test_whole_steps_are_chosen_by_the_layer_averaged_change",)),
+    Mutant("ssim-k2-wrong", "SSIM's second constant 0.3 instead of Wang et al.'s 0.03", (
+        edit("minidit/caching/report.py", "SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03",
+             "SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.3"),),
+        ("tests/test_cache.py::test_psnr_and_ssim_against_scikit_image",)),
+    Mutant("ssim-window-sigma", "SSIM's Gaussian window of sigma 1.0 instead of 1.5", (
+        edit("minidit/caching/report.py", "SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5,",
+             "SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.0,"),),
+        ("tests/test_cache.py::test_psnr_and_ssim_against_scikit_image",)),
     # ---- prompts in batches (tests/test_study.py)
     Mutant("batch-noise-per-row", "a batch of prompts drawn as one (P, ...) tensor from the seed: each prompt's noise "
            "then depends on its place in the batch", (
