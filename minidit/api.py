@@ -84,9 +84,12 @@ def load_backbone(name: str = "dit-tiny", *, weights_dir: str | Path | None = No
 
 def sample(recipe: Recipe, prompt: str, *, steps: int | None = None, scheduler: str | None = None,
            guidance: float | None = None, seed: int = 0, record: bool = False,
-           prev_on_host: bool = False, ffn: bool = False) -> tuple[torch.Tensor, np.ndarray | None]:
+           prev_on_host: bool = False, ffn: bool = False, plan=None) -> tuple[torch.Tensor, np.ndarray | None]:
     """Sample one prompt. With `record`, also return its float64 sums [layer, stream, branch, tensor, d, 7], the
-    tensors K, V, A, and with `ffn` F after them (the blocks' feed-forward output)."""
+    tensors K, V, A, and with `ffn` F after them (the blocks' feed-forward output). With `plan` (a caching plan,
+    `minidit.caching.load(path)`), sample with it: its steps and scheduler are the defaults."""
+    if plan is not None:
+        return _sample_with_plan(recipe, prompt, plan, steps, scheduler, guidance, seed, record)
     steps = recipe.default_steps if steps is None else steps
     guidance = recipe.default_guidance if guidance is None else guidance
     name = scheduler or recipe.default_scheduler
@@ -100,6 +103,21 @@ def sample(recipe: Recipe, prompt: str, *, steps: int | None = None, scheduler: 
     with recorder.attach(recipe.model):
         latents = recipe.generate([prompt], seed, sched, guidance)
     return latents, recorder.finish()[0]
+
+
+def _sample_with_plan(recipe: Recipe, prompt: str, plan, steps, scheduler, guidance, seed, record):
+    from minidit.caching.cache import PlanCache
+
+    if record:
+        raise MiniditError("sample(record=True) with a caching plan: a reused layer has no K, V or A at the steps it "
+                           "skips; record without the plan")
+    steps = plan.steps if steps is None else steps
+    name = scheduler or plan.scheduler
+    # a recipe does not know its registry name: the layer names (and their count) stand for the model
+    plan.check_against(plan.model, [layer.name for layer in recipe.attention_layers()], steps, name)
+    guidance = recipe.default_guidance if guidance is None else guidance
+    with PlanCache(recipe.model, recipe.attention_layers(), plan).sampling():
+        return recipe.generate([prompt], seed, recipe.make_scheduler(name, steps), guidance), None
 
 
 __all__ = ["MODELS", "load_backbone", "resolve_weights", "sample"]

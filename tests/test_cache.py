@@ -13,6 +13,7 @@ from conftest import ROOT
 from test_study import BATCH_CASES, load
 
 import analyze
+import minidit
 from minidit.caching.cache import FFN, PlanCache
 from minidit.caching.plan import Plan
 from minidit.caching.report import psnr, ssim
@@ -144,6 +145,14 @@ def test_plans_the_model_cannot_follow_are_refused(tmp_path):
     with pytest.raises(MiniditError, match="called the backbone 2 times; the caching plan has 4 steps"):
         with PlanCache(recipe.model, layers, plan).sampling():
             recipe.generate(["a red circle on a black background"], 0, recipe.make_scheduler("flux", 2), 1.0)
+    caption = "a red circle on a black background"
+    with PlanCache(recipe.model, layers, plan).sampling():
+        expected = recipe.generate([caption], 0, recipe.make_scheduler("flux", STEPS), recipe.default_guidance)
+    assert torch.equal(minidit.sample(recipe, caption, plan=plan)[0], expected)  # the API: the plan's steps
+    with pytest.raises(MiniditError, match="record without the plan"):
+        minidit.sample(recipe, caption, plan=plan, record=True)
+    with pytest.raises(MiniditError, match="with 4 steps; the run has 5"):
+        minidit.sample(recipe, caption, plan=plan, steps=5)
     pixart = load("pixart", tmp_path)
     pixart.cross_attention = True
     cross = checkerboard_plan(pixart, "pixart-1024")
