@@ -133,6 +133,7 @@ def test_a_plan_skips_what_it_reuses_and_nothing_else(case, tmp_path):
     assert all(type(m).__name__ != "Reusable" for m in recipe.model.modules())  # unwrapped after sampling
 
 
+@pytest.mark.any_cpu
 def test_plans_the_model_cannot_follow_are_refused(tmp_path):
     recipe = load("flux-tiny", tmp_path)
     layers = recipe.attention_layers()
