@@ -58,6 +58,7 @@ class Row:
     psnr: float | None
     ssim: float | None
     accuracy: float | None
+    samples: int = 0  # (prompt, seed) pairs sampled
 
 
 def evaluate(recipe, model_name: str, plans: dict[str, Plan], prompts: list[str], seeds: list[int], *,
@@ -112,7 +113,8 @@ def evaluate(recipe, model_name: str, plans: dict[str, Plan], prompts: list[str]
             rel_err_mean=float(err.mean()), rel_err_max=float(err.max()),
             psnr=psnr(pictures, images[UNCACHED]) if pictures is not None else None,
             ssim=ssim(pictures, images[UNCACHED]) if pictures is not None else None,
-            accuracy=float(check(recipe, texts, pictures).mean()) if check and pictures is not None else None))
+            accuracy=float(check(recipe, texts, pictures).mean()) if check and pictures is not None else None,
+            samples=len(texts)))
     return rows
 
 
@@ -266,6 +268,10 @@ def figure(rows: list[Row], path: Path, title: str = "") -> Path:
                             xytext=(4, 4), fontsize=7, color=colour)
         if getattr(base, field) is not None and not log:
             ax.axhline(getattr(base, field), color="k", lw=0.8, ls="--", label="uncached")
+            if field == "accuracy" and base.samples:  # how far an accuracy moves by chance over this many samples
+                se = math.sqrt(base.accuracy * (1 - base.accuracy) / base.samples)
+                ax.axhspan(base.accuracy - 2 * se, base.accuracy + 2 * se, color="0.85", zorder=0,
+                           label=f"uncached ± 2 s.e. ({base.samples} samples)")
         ax.axvline(1.0, color="0.6", lw=0.6)
         if log:
             ax.set_yscale("log")
