@@ -6,7 +6,8 @@
 What is measured, per plan (and for the uncached sampler, the first row):
 - wall time: every batch is sampled uncached and with every plan, one after the other, the order rotated from
   batch to batch; on an accelerator each time ends with a synchronisation. speedup = uncached time / plan time,
-  over the whole command. A warm-up batch, uncached and with every plan, is sampled first and not timed.
+  over the whole command. The prompts' text encodings are computed once before (`recipe.prepare`, as the analysis
+  does), and a warm-up batch, uncached and with every plan, is sampled first; neither is timed.
 - FLOPs skipped: the floating-point operations of one batch counted by torch.utils.flop_counter (matmuls,
   convolutions, attention) with and without the plan: what the skipped calls really saved, the block's norms,
   embeddings and final layer included in the total. `calls skipped` is what the plan's modules counted.
@@ -78,6 +79,7 @@ def evaluate(recipe, model_name: str, plans: dict[str, Plan], prompts: list[str]
         with caches[config].sampling():
             return recipe.generate(batch, seed, scheduler, guidance)
 
+    recipe.prepare(prompts)  # the prompts' text encodings, once, before any timing (the plans do not change them)
     for config in configs:  # warm-up, not timed
         run(config, *batches[0])
     flops = {config: count_flops(lambda: run(config, *batches[0])) for config in configs}
