@@ -1,6 +1,7 @@
 """`make bench`: what the analysis costs (flux-tiny, dit-tiny, DiT-XL/2's width, Latte-1's width), minidit's DiT and
-Latte forwards against diffusers' on the same weights, and a study's throughput: dit-tiny prompts per minute at batch
-sizes 1, 2, 4, 8, and torchrun's 2 gloo processes against 1 process.
+Latte forwards against diffusers' on the same weights, a study's throughput (dit-tiny prompts per minute at batch
+sizes 1, 2, 4, 8, and torchrun's 2 gloo processes against 1 process), and the wall-time speed-up of a 0.35-budget
+caching plan (dit-tiny, flux-tiny, DiT-XL/2's width; `--only caching`).
 
 `make bench ARGS="--device cuda"` runs the GPU bench instead (tests/gpu_bench.py: PixArt-α, FLUX.1-dev and Mochi at
 full width on random weights); `--device cpu` runs it at the reduced size its test uses.

@@ -119,10 +119,11 @@ def test_the_default_plan_reuses_whole_steps(run, budget):
 
 def test_whole_steps_are_chosen_by_the_layer_averaged_change():
     change = np.full((12, 4, 2), 1.0)
-    change[7, :, :] = 0.1  # step 7 barely changes in any layer
+    change[5] = 0.5  # step 5 changes half as much as the others, in every layer and component
+    change[7, :, 0], change[7, :, 1] = 0.1, 3.0  # step 7: attention still, feed-forward loud (on average 1.55)
     change[4, 0, 0] = 0.0  # step 4: one layer's attention is still, the average is not
     plan = from_run(fake_run(change, tensors=("K", "V", "A", "F")), 1 / 12, max_reuse=9)
-    assert np.flatnonzero(plan.reuse.all(axis=(1, 2))).tolist() == [7] and plan.reuse.sum() == 8
+    assert np.flatnonzero(plan.reuse.all(axis=(1, 2))).tolist() == [5] and plan.reuse.sum() == 8
     attention_only = from_run(fake_run(change), 0.5 / 12, max_reuse=9)  # no F: a step reuses its attention
     assert attention_only.reuse[7, :, 0].all() and attention_only.reuse.sum() == 4
 
