@@ -532,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_plans(args)
         else:
             analyze(args)
+        distributed.finish(ranks)
     except distributed.Reported:  # rank 0 has said what went wrong; torchrun may now stop this process quietly
         if on_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -69,6 +69,14 @@ def join(ranks: Ranks, device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
 
 
+def finish(ranks: Ranks) -> None:
+    """On success, every rank waits here until all are done (rank 0 aggregates last), so that all of them take the
+    process group down together: a gloo rank that tore it down while a peer was still busy was seen to abort
+    ("terminate called without an active exception"). Not on an error path, where a peer may be stuck elsewhere."""
+    if ranks.world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def leave(ranks: Ranks) -> None:
     if ranks.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
