@@ -308,20 +308,19 @@ def measure(loaded: Loaded, args: argparse.Namespace, run, scheduler_name: str, 
 
 def int_list(text: str) -> list[int]:
     """--steps: "28" -> [28], "14,28,56" -> [14, 28, 56] (a sweep)."""
-    try:
-        return distinct([int(part) for part in text.split(",")])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a number, or numbers separated by commas)"
-                                         ) from None
+    return number_list(text, int, "invalid int value")
 
 
 def float_list(text: str) -> list[float]:
     """--budget: "0.35" -> [0.35], "0.2,0.35,0.5" -> [0.2, 0.35, 0.5]."""
+    return number_list(text, float, "invalid number")
+
+
+def number_list(text: str, convert, invalid: str) -> list:
     try:
-        return distinct([float(part) for part in text.split(",")])
+        return distinct([convert(part) for part in text.split(",")])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r} (a number, or numbers separated by commas)"
-                                         ) from None
+        raise argparse.ArgumentTypeError(f"{invalid}: {text!r} (a number, or numbers separated by commas)") from None
 
 
 def name_list(text: str) -> list[str]:
@@ -409,25 +408,29 @@ def compare_runs(paths: list[Path], labels: list[str], out: Path) -> Path:
     return out
 
 
-def make_plan(args: argparse.Namespace) -> Path:
-    """--plan RUN: one plan to the file --out, or (several budgets or methods) one per pair into the folder --out."""
-    from minidit.caching import plan_command
+def make_plans(args: argparse.Namespace) -> Path:
+    """--plan RUN: one plan to the file --out, or (several budgets or methods) one per pair into the folder --out;
+    the run is read once, and every plan is made before any is written."""
+    from minidit.analysis import read_run
+    from minidit.analysis.rundir import make_folder
+    from minidit.caching import make_plan
 
     if args.budget is None or not args.out:
         raise MiniditError("--plan RUN needs --budget F (the fraction of block computations to skip) and --out "
                            "PLAN.json (a folder, with several budgets or methods)")
     pairs = [(method, budget) for method in args.method for budget in args.budget]
     out = Path(args.out)
+    if len(pairs) > 1 and out.suffix == ".json":
+        raise MiniditError(f"{len(pairs)} plans (budgets x methods) go into a folder: give --out a folder, not {out}")
+    run = read_run(args.plan)
+    plans = [make_plan(run, budget, method) for method, budget in pairs]
     if len(pairs) == 1:
         targets = [out]
     else:
-        if out.suffix == ".json":
-            raise MiniditError(f"{len(pairs)} plans (budgets x methods) go into a folder: give --out a folder, "
-                               f"not {out}")
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         targets = [out / f"{method}-{budget:g}.json" for method, budget in pairs]
-    for (method, budget), target in zip(pairs, targets):
-        plan = plan_command(args.plan, budget, target, method)
+    for plan, target in zip(plans, targets):
+        plan.save(target)
         print(f"{target}: {plan.summary()}", file=sys.stderr)
     return out
 
@@ -454,7 +457,7 @@ def evaluate_plans(args: argparse.Namespace) -> Path:
     """--cache-plan: sample the prompts with every plan and without, report time, FLOPs, memory and quality."""
     from minidit.caching import METHODS
     from minidit.caching import load as load_plan
-    from minidit.caching.report import evaluate, print_table, write_report
+    from minidit.caching.report import evaluate, markdown, write_report
     from minidit.pipelines import model_spec, recipe_class
 
     spec = model_spec(args.model)
@@ -495,7 +498,7 @@ def evaluate_plans(args: argparse.Namespace) -> Path:
                "title": f"{spec.name}, {steps} steps ({scheduler}): caching plans, quality against speed-up "
                         f"(labels: skipped fraction)"}
     write_report(rows, out, context)
-    print_table(rows)
+    print(markdown(rows), end="")
     print(f"report in {out}/ (report.md, report.csv, report.json, quality_vs_speedup.png)", file=sys.stderr)
     return out
 
@@ -527,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.aggregate:
             finish(Path(args.aggregate))
         elif args.plan:
-            make_plan(args)
+            make_plans(args)
         elif args.cache_plan:
             evaluate_plans(args)
         else:

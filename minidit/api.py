@@ -113,10 +113,11 @@ def _sample_with_plan(recipe: Recipe, prompt: str, plan, steps, scheduler, guida
                            "skips; record without the plan")
     steps = plan.steps if steps is None else steps
     name = scheduler or plan.scheduler
+    layers = recipe.attention_layers()
     # a recipe does not know its registry name: the layer names (and their count) stand for the model
-    plan.check_against(plan.model, [layer.name for layer in recipe.attention_layers()], steps, name)
+    plan.check_against(plan.model, [layer.name for layer in layers], steps, name)
     guidance = recipe.default_guidance if guidance is None else guidance
-    with PlanCache(recipe.model, recipe.attention_layers(), plan).sampling():
+    with PlanCache(recipe.model, layers, plan).sampling():
         return recipe.generate([prompt], seed, recipe.make_scheduler(name, steps), guidance), None
 
 

@@ -11,7 +11,7 @@
 import functools
 from pathlib import Path
 
-from minidit.analysis.aggregate import read_run
+from minidit.analysis.aggregate import Run, read_run
 from minidit.caching.baselines import fora, pab, smoothcache
 from minidit.caching.measured import from_run
 from minidit.caching.plan import COMPONENTS, Plan, load
@@ -24,7 +24,8 @@ METHODS = {"measured": from_run, "measured-cells": functools.partial(from_run, g
 
 def plan_command(run_path: str | Path, budget: float, out_path: str | Path, method: str = "measured",
                  **options) -> Plan:
-    """What `analyze.py --plan` runs: read the run, make the plan, write it, return it (print `plan.summary()`).
+    """What `analyze.py --plan` runs for one plan: read the run, make the plan, write it, return it (print
+    `plan.summary()`).
 
     The flags it expects:
         --plan RUN          a finished run directory (analyze.py --out RUN; with --ffn to plan the feed-forward)
@@ -35,14 +36,19 @@ def plan_command(run_path: str | Path, budget: float, out_path: str | Path, meth
     `options` go to the method: for measured, granularity, metric, keep_first, keep_last, max_reuse (measured.py: the
     defaults and the measurements behind them); for smoothcache, lookahead; for every method, cost.
     """
-    if method not in METHODS:
-        raise MiniditError(f"unknown plan method {method!r}: choose one of {', '.join(METHODS)}")
-    if not 0 <= budget < 1:
-        raise MiniditError(f"--budget {budget} must be a fraction, at least 0 and below 1 (step 0 is always computed)")
-    plan = METHODS[method](read_run(run_path), budget, **options)
+    plan = make_plan(read_run(run_path), budget, method, **options)
     plan.save(out_path)
     return plan
 
 
-__all__ = ["COMPONENTS", "METHODS", "Plan", "fora", "from_run", "from_smoothcache", "load", "pab", "plan_command",
-           "smoothcache", "to_smoothcache", "write_smoothcache"]
+def make_plan(run: Run, budget: float, method: str = "measured", **options) -> Plan:
+    """The plan of `method` at `budget` from a run read by `read_run` (several plans from one run read once)."""
+    if method not in METHODS:
+        raise MiniditError(f"unknown plan method {method!r}: choose one of {', '.join(METHODS)}")
+    if not 0 <= budget < 1:
+        raise MiniditError(f"--budget {budget} must be a fraction, at least 0 and below 1 (step 0 is always computed)")
+    return METHODS[method](run, budget, **options)
+
+
+__all__ = ["COMPONENTS", "METHODS", "Plan", "fora", "from_run", "from_smoothcache", "load", "make_plan", "pab",
+           "plan_command", "smoothcache", "to_smoothcache", "write_smoothcache"]

@@ -76,8 +76,11 @@ class PlanCache:
             except AttributeError:
                 raise MiniditError(f"the model has no module {path!r} to cache") from None
         self.step = -1
-        self.skipped, self.computed = [0, 0], [0, 0]  # module calls, per component
+        self.reset_counts()
         self.kept_bytes = self.peak_kept_bytes = 0
+
+    def reset_counts(self) -> None:
+        self.skipped, self.computed = [0, 0], [0, 0]  # module calls, per component
 
     def keep(self, module: Reusable, out) -> None:
         self.kept_bytes += nbytes(out) - nbytes(module.kept)

@@ -23,7 +23,6 @@ What is measured, per plan (and for the uncached sampler, the first row):
 import csv
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minidit.caching.cache import PlanCache
-from minidit.caching.plan import COMPONENTS, Plan
+from minidit.caching.plan import Plan
 
 UNCACHED = "uncached"
 
@@ -83,8 +82,8 @@ def evaluate(recipe, model_name: str, plans: dict[str, Plan], prompts: list[str]
     for config in configs:  # warm-up, not timed
         run(config, *batches[0])
     flops = {config: count_flops(lambda: run(config, *batches[0])) for config in configs}
-    for cache in caches.values():
-        cache.skipped, cache.computed = [0, 0], [0, 0]
+    for cache in caches.values():  # count the timed samples' calls only
+        cache.reset_counts()
     seconds = dict.fromkeys(configs, 0.0)
     latents: dict[str, list[torch.Tensor]] = {config: [] for config in configs}
     for b, (batch, seed) in enumerate(tqdm(batches, desc="sampling", disable=None if progress else True)):
@@ -288,8 +287,4 @@ def figure(rows: list[Row], path: Path, title: str = "") -> Path:
     return path
 
 
-def print_table(rows: list[Row]) -> None:
-    print(markdown(rows), end="", file=sys.stdout)
-
-
-__all__ = ["COMPONENTS", "Row", "evaluate", "figure", "markdown", "psnr", "ssim", "write_report"]
+__all__ = ["Row", "evaluate", "figure", "markdown", "psnr", "ssim", "write_report"]
